@@ -1,0 +1,114 @@
+"""Model references: the one string syntax that names a CLIP checkpoint of either backend.
+
+    open_clip:ViT-B-32/openai          built-in architecture + pretrained tag
+    open_clip:ViT-B-32                 built-in architecture, random weights (warned)
+    open_clip:hf-hub:org/repo          open_clip checkpoint hosted on the Hub
+    open_clip:local-dir:/path          folder with open_clip_config.json (+ weights)
+    hf:openai/clip-vit-base-patch32    transformers CLIPModel on the Hub
+    hf:/path/to/folder                 transformers CLIPModel saved with save_pretrained
+
+Every other module receives a parsed :class:`ModelRef`, never the raw string.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelReferenceError
+
+BACKENDS = ("open_clip", "hf")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+_SYNTAX_HELP = (
+    "Use one of: 'open_clip:ARCH/PRETRAINED_TAG', 'open_clip:hf-hub:ORG/REPO', "
+    "'open_clip:local-dir:PATH', 'hf:ORG/REPO' or 'hf:PATH'."
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference.
+
+    Attributes:
+        backend: ``"open_clip"`` or ``"hf"``.
+        kind: ``"builtin"``, ``"hub"`` or ``"local"``.
+        name: architecture name (builtin), repo id (hub) or absolute folder path (local).
+        pretrained: open_clip pretrained tag for builtin architectures, else ``None``.
+    """
+
+    backend: str
+    kind: str
+    name: str
+    pretrained: str | None = None
+
+    def __str__(self) -> str:
+        if self.backend == "hf":
+            return f"hf:{self.name}"
+        if self.kind == "hub":
+            return f"open_clip:hf-hub:{self.name}"
+        if self.kind == "local":
+            return f"open_clip:local-dir:{self.name}"
+        return f"open_clip:{self.name}" + (f"/{self.pretrained}" if self.pretrained else "")
+
+    @property
+    def path(self) -> Path:
+        """The folder of a local reference."""
+        if self.kind != "local":
+            raise ValueError(f"{self} is not a local reference")
+        return Path(self.name)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or text in (".", "..") or "\\" in text
+
+
+def _local(backend: str, raw: str, text: str) -> ModelRef:
+    path = Path(text).expanduser().resolve()
+    if not path.exists():
+        raise ModelReferenceError(f"Model reference {raw!r}: folder {str(path)!r} does not exist. Check the path.")
+    if not path.is_dir():
+        raise ModelReferenceError(f"Model reference {raw!r}: {str(path)!r} is a file; a model reference names a folder.")
+    return ModelRef(backend=backend, kind="local", name=str(path))
+
+
+def parse_reference(reference: str | ModelRef) -> ModelRef:
+    """Parse a reference string (see module docstring); raises :class:`ModelReferenceError` with a fix."""
+    if isinstance(reference, ModelRef):
+        return reference
+    if not isinstance(reference, str) or not reference.strip():
+        raise ModelReferenceError(f"Empty model reference. {_SYNTAX_HELP}")
+    raw = reference.strip()
+    backend, sep, rest = raw.partition(":")
+    if not sep or backend not in BACKENDS:
+        raise ModelReferenceError(
+            f"Model reference {raw!r} does not start with a known backend "
+            f"({', '.join(b + ':' for b in BACKENDS)}). {_SYNTAX_HELP}"
+        )
+    if not rest:
+        raise ModelReferenceError(f"Model reference {raw!r} names no model after '{backend}:'. {_SYNTAX_HELP}")
+
+    if backend == "hf":
+        if _looks_like_path(rest) or Path(rest).expanduser().is_dir():
+            return _local("hf", raw, rest)
+        if not _HUB_ID.match(rest):
+            raise ModelReferenceError(f"Model reference {raw!r}: {rest!r} is neither an existing folder nor a Hub repo id.")
+        return ModelRef(backend="hf", kind="hub", name=rest)
+
+    if rest.startswith("hf-hub:"):
+        repo = rest[len("hf-hub:"):]
+        if not _HUB_ID.match(repo) or "/" not in repo:
+            raise ModelReferenceError(f"Model reference {raw!r}: {repo!r} is not a Hub repo id of the form ORG/REPO.")
+        return ModelRef(backend="open_clip", kind="hub", name=repo)
+    if rest.startswith("local-dir:"):
+        return _local("open_clip", raw, rest[len("local-dir:"):])
+    if _looks_like_path(rest):
+        raise ModelReferenceError(
+            f"Model reference {raw!r} looks like a path; open_clip folders are written 'open_clip:local-dir:PATH'."
+        )
+    arch, _, tag = rest.partition("/")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", arch) or (tag and not re.match(r"^[A-Za-z0-9._-]+$", tag)):
+        raise ModelReferenceError(f"Model reference {raw!r} is malformed. {_SYNTAX_HELP}")
+    return ModelRef(backend="open_clip", kind="builtin", name=arch, pretrained=tag or None)
