@@ -155,10 +155,12 @@ def check_vectors(vectors: np.ndarray, what: str) -> None:
                              f"direction to compare; drop them.")
 
 
-def check_pair(queries: Labeled, gallery: Labeled, what: str) -> None:
-    """Check a query set and a gallery before searching one with the other."""
-    check_vectors(queries.vectors, f"{what}: queries")
-    check_vectors(gallery.vectors, f"{what}: gallery")
+def check_pair(queries: Labeled, gallery: Labeled, what: str, vectors: bool = True) -> None:
+    """Check a query set and a gallery before searching one with the other (``vectors=False``: only
+    dimensions and ids, for vectors already checked with :func:`check_vectors`)."""
+    if vectors:
+        check_vectors(queries.vectors, f"{what}: queries")
+        check_vectors(gallery.vectors, f"{what}: gallery")
     if queries.dim != gallery.dim:
         raise InputError(f"{what}: queries have dimension {queries.dim} but the gallery has {gallery.dim}; "
                          f"a gallery must be searched with queries from the same embedding space.")
@@ -279,21 +281,23 @@ def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
 
 
 def recall_at_k(queries: Labeled, gallery: Labeled, ks: Sequence[int] = DEFAULT_KS,
-                config: SearchConfig | None = None, desc: str = "search") -> dict[int, float]:
-    """Recall@K (percent) of ``queries`` against ``gallery``; inputs are validated first."""
-    check_pair(queries, gallery, desc)
+                config: SearchConfig | None = None, desc: str = "search", validate: bool = True) -> dict[int, float]:
+    """Recall@K (percent) of ``queries`` against ``gallery``; inputs are validated first unless told not to."""
+    if validate:
+        check_pair(queries, gallery, desc)
     result = search(queries.vectors, gallery.vectors, max(ks), config, desc)
     return recall_from_ranks(first_hit_rank(result, queries.labels, gallery.labels), ks)
 
 
 def evaluate_cell(direction: str, query: str, gallery: str, queries: Labeled, items: Labeled,
-                  ks: Sequence[int] = DEFAULT_KS, config: SearchConfig | None = None) -> CellResult:
+                  ks: Sequence[int] = DEFAULT_KS, config: SearchConfig | None = None,
+                  validate: bool = True) -> CellResult:
     """One cell; with an approximate index also the exact recall, so its loss can be reported."""
     config = config or SearchConfig()
     desc = f"{direction} {query}→{gallery}"
-    cell = CellResult(direction, query, gallery, recall_at_k(queries, items, ks, config, desc))
+    cell = CellResult(direction, query, gallery, recall_at_k(queries, items, ks, config, desc, validate))
     if not config.exact:
-        cell.exact_recall = recall_at_k(queries, items, ks, config.exact_version(), desc + " (exact)")
+        cell.exact_recall = recall_at_k(queries, items, ks, config.exact_version(), desc + " (exact)", False)
     return cell
 
 
