@@ -123,10 +123,12 @@ def plot_matrix(report: dict, path: Path, k: int | None = None) -> None:
         grid = np.full((len(queries), len(galleries)), np.nan)
         for cell in cells:
             grid[queries.index(cell["query"]), galleries.index(cell["gallery"])] = cell["recall"][k]
-        image = axis.imshow(grid, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(grid))))
+        top = max(1.0, float(np.nanmax(grid)))
+        image = axis.imshow(grid, cmap="viridis", vmin=0, vmax=top)
         for (row, column), value in np.ndenumerate(grid):
-            if not np.isnan(value):
-                axis.text(column, row, f"{value:.1f}", ha="center", va="center", color="white", fontsize=9)
+            if not np.isnan(value):  # dark text on the bright end of viridis
+                axis.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=9,
+                          color="black" if value > 0.6 * top else "white")
         axis.set_xticks(range(len(galleries)), galleries)
         axis.set_yticks(range(len(queries)), queries)
         axis.set_xlabel("gallery space")
