@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 MODALITIES = ("text", "image")
 QUERY_MODALITY = {"text→image": "text", "image→text": "image"}
 GALLERY_MODALITY = {"text→image": "image", "image→text": "text"}
+QUERY_ONLY = {"xbt+old", "old-denoised"}  # text query spaces with no gallery of their own
 ENCODE_CHUNK = 512  # items per encoder call: bounds memory (images are opened per chunk) and drives the bar
 
 
@@ -248,6 +249,16 @@ class EvalConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
+def _check_dims(queries: dict[str, int], galleries: dict[str, int], what: str) -> None:
+    """Every query space except ``new`` lives in the old space; a space with its own gallery matches it."""
+    problems = [f"{q} queries are {dim}-d but the {g} gallery is {galleries[g]}-d"
+                for q, dim in queries.items() for g in {q, "old"}
+                if g in galleries and galleries[g] != dim and not (q == "new" and g == "old")]
+    if problems:
+        raise InputError(f"{what}: {'; '.join(problems)}. Queries and gallery must come from the same "
+                         f"embedding space (was a file made with another model?).")
+
+
 def _replaceable_rows(gallery: Labeled, items: Labeled) -> np.ndarray | None:
     """Rows of ``gallery`` holding ``items`` (by id), or None when they cannot be matched one to one."""
     if np.array_equal(gallery.labels, items.labels):
@@ -255,8 +266,97 @@ def _replaceable_rows(gallery: Labeled, items: Labeled) -> np.ndarray | None:
     unique, first = np.unique(gallery.labels, return_index=True)
     if len(unique) != len(gallery) or len(np.unique(items.labels)) != len(items):
         return None  # caption galleries repeat ids: no one-to-one match with a stored gallery
-    position = np.searchsorted(unique, items.labels)
-    return first[position]
+    position = np.minimum(np.searchsorted(unique, items.labels), len(unique) - 1)
+    return first[position] if np.array_equal(unique[position], items.labels) else None
+
+
+def _check_inputs(eval_set: EvalSet | None, spaces: Sequence[Space], baselines: dict,
+                  stored_galleries: dict[str, Labeled], stored_queries: dict[str, Labeled], stored_modality: str) -> None:
+    """Everything that can be checked before the first encoding: vectors, dimensions, ids."""
+    if stored_modality not in MODALITIES:
+        raise InputError(f"stored_modality must be 'image' or 'text', got {stored_modality!r}.")
+    if eval_set is None and not (stored_galleries and stored_queries):
+        raise InputError("Nothing to evaluate: give an evaluation set, or stored galleries and stored queries.")
+    if baselines and not any(s.name == "new" for s in spaces):
+        raise InputError("Baseline projections map new-space embeddings: the 'new' space is needed too.")
+    for name, stored in {**stored_galleries, **stored_queries}.items():
+        check_vectors(stored.vectors, f"stored {name}")
+    model_dims = {s.name: getattr(s.encoder, "embed_dim", None) for s in spaces}
+    for name, stored in stored_galleries.items():
+        if model_dims.get(name) and model_dims[name] != stored.dim:
+            raise InputError(f"The stored {name} gallery has dimension {stored.dim}, but the {name} model embeds "
+                             f"into {model_dims[name]}; it was made with another model.")
+    gallery_dims = {**{n: d for n, d in model_dims.items() if d}, **{n: v.dim for n, v in stored_galleries.items()}}
+    _check_dims({n: v.dim for n, v in stored_queries.items()}, gallery_dims, "Stored queries")
+    known_ids = np.concatenate([eval_set.ids if eval_set is not None else np.zeros(0, np.int64)]
+                               + [v.labels for v in stored_galleries.values()])
+    for name, stored in stored_queries.items():
+        missing = np.setdiff1d(stored.labels, known_ids)
+        if missing.size:
+            raise InputError(f"{missing.size} ids of the stored {name} queries are in no gallery (e.g. "
+                             f"{missing[:5].tolist()}); the ids of the queries must line up with the gallery's ids.")
+    for name, stored in stored_galleries.items() if eval_set is not None else ():
+        missing = np.setdiff1d(eval_set.ids, stored.labels)
+        if missing.size:
+            raise InputError(f"{missing.size} evaluation image ids are not in the stored {name} gallery (e.g. "
+                             f"{missing[:5].tolist()}); the set's ids must line up with the gallery's ids.")
+
+
+def _encode_all(eval_set: EvalSet, spaces: Sequence[Space], baselines: dict, skip_images: set[str],
+                cache: Path | None) -> tuple[dict[str, Labeled], dict[str, Labeled]]:
+    """Text and image embeddings of the set in every space; baselines applied to the cached ``new`` ones."""
+    owners = eval_set.caption_ids
+    text: dict[str, Labeled] = {}
+    image: dict[str, Labeled] = {}
+    for space in spaces:
+        if "text" in space.modalities:
+            text[space.name] = Labeled(encode_space(space, eval_set, "text", cache), owners)
+        if "image" in space.modalities and space.name not in skip_images:
+            image[space.name] = Labeled(encode_space(space, eval_set, "image", cache), eval_set.ids)
+    with torch.no_grad():
+        for name, projection in baselines.items():
+            for encoded in (text, image):
+                if "new" in encoded:
+                    new = encoded["new"]
+                    encoded[name] = Labeled(projection(torch.from_numpy(new.vectors)).float().numpy(), new.labels)
+    return text, image
+
+
+def _direction_pools(eval_set: EvalSet | None, text: dict[str, Labeled], image: dict[str, Labeled],
+                     stored_queries: dict[str, Labeled], stored_modality: str) -> dict[str, tuple[dict, dict]]:
+    """(query spaces, gallery spaces) per direction. Query-only spaces never serve as galleries; stored
+    galleries serve as queries only for the evaluation set's items (distractors have no captions or images)."""
+    pools = {}
+    for direction in DIRECTIONS:
+        if eval_set is None and GALLERY_MODALITY[direction] != stored_modality:
+            continue
+        source = text if QUERY_MODALITY[direction] == "text" else image
+        queries = {k: v if eval_set is None else _restricted(v, eval_set.ids) for k, v in source.items()}
+        galleries = {k: v for k, v in (image if GALLERY_MODALITY[direction] == "image" else text).items()
+                     if k not in QUERY_ONLY}
+        if direction == "text→image" and "old" in queries and eval_set is not None:
+            queries["old-denoised"] = _denoised(queries["old"], eval_set.ids)
+        if GALLERY_MODALITY[direction] == stored_modality:
+            queries.update(stored_queries)
+        pools[direction] = (queries, galleries)
+    return pools
+
+
+def _backfill_curves(pools: dict[str, tuple[dict, dict]], config: EvalConfig) -> dict[str, dict]:
+    """The backfill curve per direction where xbt queries, the old gallery and its xbt re-embedding exist."""
+    curves = {}
+    for direction, (queries, galleries) in pools.items():
+        if not {"xbt", "old"} <= set(galleries) or "xbt" not in queries:
+            continue
+        rows = _replaceable_rows(galleries["old"], galleries["xbt"])
+        if rows is None:
+            logger.warning("No backfill curve for %s: the old gallery cannot be matched item by item with the xbt "
+                           "one.", direction)
+            continue
+        curves[direction] = {"query": "xbt", **backfill_curve(
+            queries["xbt"], galleries["old"], galleries["xbt"].vectors, rows, config.fractions, config.seed,
+            config.ks, config.search)}
+    return curves
 
 
 def evaluate(
@@ -273,100 +373,39 @@ def evaluate(
 
     ``stored_galleries`` are the user's existing embeddings (``stored_modality`` ``image``: galleries for
     text→image, the queries in ``stored_queries`` are text; ``text``: the other way round). A stored
-    gallery replaces the encoded gallery of the same space, and may hold more items (distractors) as
-    long as every evaluation item's id is in it.
+    gallery replaces the encoded gallery of the same space (that space's encoder does not run on that
+    modality), and may hold more items (distractors) as long as every evaluation item's id is in it.
     """
     config = config or EvalConfig()
     baselines = baselines or {}
     stored_galleries, stored_queries = stored_galleries or {}, stored_queries or {}
-    if stored_modality not in MODALITIES:
-        raise InputError(f"stored_modality must be 'image' or 'text', got {stored_modality!r}.")
-    if eval_set is None and not (stored_galleries and stored_queries):
-        raise InputError("Nothing to evaluate: give an evaluation set, or stored galleries and stored queries.")
-    if baselines and not any(s.name == "new" for s in spaces):
-        raise InputError("Baseline projections map new-space embeddings: the 'new' space is needed too.")
-    for name, stored in {**stored_galleries, **stored_queries}.items():
-        check_vectors(stored.vectors, f"stored {name}")
-    expected = {s.name: getattr(s.encoder, "embed_dim", None) for s in spaces}
-    for name, stored in stored_galleries.items():
-        if expected.get(name) and expected[name] != stored.dim:
-            raise InputError(f"The stored {name} gallery has dimension {stored.dim}, but the {name} model embeds "
-                             f"into {expected[name]}; it was made with another model.")
-    if eval_set is not None and stored_modality == "image":
-        for name, stored in stored_galleries.items():
-            missing = np.setdiff1d(eval_set.ids, stored.labels)
-            if missing.size:
-                raise InputError(f"{missing.size} evaluation image ids are not in the stored {name} gallery (e.g. "
-                                 f"{missing[:5].tolist()}); the set's ids must line up with the gallery's ids.")
+    _check_inputs(eval_set, spaces, baselines, stored_galleries, stored_queries, stored_modality)
 
-    # Encode every space once (skipping encodings a stored gallery replaces).
-    cache = Path(cache_dir) if cache_dir is not None else None
     text: dict[str, Labeled] = {}
     image: dict[str, Labeled] = {}
-    encoded_images: dict[str, Labeled] = {}
     if eval_set is not None:
-        owners = eval_set.caption_ids
-        for space in spaces:
-            if "text" in space.modalities:
-                text[space.name] = Labeled(encode_space(space, eval_set, "text", cache), owners)
-            if "image" in space.modalities and not (stored_modality == "image" and space.name in stored_galleries):
-                encoded_images[space.name] = Labeled(encode_space(space, eval_set, "image", cache), eval_set.ids)
-        if "new" in text:
-            for name, projection in baselines.items():
-                with torch.no_grad():
-                    text[name] = Labeled(projection(torch.from_numpy(text["new"].vectors)).float().numpy(), owners)
-                    if "new" in encoded_images:
-                        encoded_images[name] = Labeled(
-                            projection(torch.from_numpy(encoded_images["new"].vectors)).float().numpy(), eval_set.ids)
-        image.update(encoded_images)
-    stored_query_modality = "text" if stored_modality == "image" else "image"
+        skip_images = set(stored_galleries) if stored_modality == "image" else set()
+        text, image = _encode_all(eval_set, spaces, baselines, skip_images,
+                                  Path(cache_dir) if cache_dir is not None else None)
     (image if stored_modality == "image" else text).update(stored_galleries)
+    pools = _direction_pools(eval_set, text, image, stored_queries, stored_modality)
 
-    # Queries and galleries per direction; query-only spaces never serve as galleries. Stored galleries
-    # serve as queries only for the evaluation set's items (distractors have no captions or images).
-    query_only = {"xbt+old", "old-denoised"}
-    directions = {}
-    for direction in DIRECTIONS:
-        if eval_set is None and GALLERY_MODALITY[direction] != stored_modality:
-            continue
-        pool = text if QUERY_MODALITY[direction] == "text" else image
-        query_pool = {k: v if eval_set is None else _restricted(v, eval_set.ids) for k, v in pool.items()}
-        gallery_pool = {k: v for k, v in (image if GALLERY_MODALITY[direction] == "image" else text).items()
-                        if k not in query_only}
-        if direction == "text→image" and "old" in text and eval_set is not None:
-            query_pool["old-denoised"] = _denoised(query_pool["old"], eval_set.ids)
-        if QUERY_MODALITY[direction] == stored_query_modality:
-            query_pool.update(stored_queries)
-        directions[direction] = (query_pool, gallery_pool)
-
-    # Validate every pair before the first search.
-    plan = [(d, q, g) for d, (queries, galleries) in directions.items() for q, g in plan_cells(queries, galleries)]
+    # Every pair is checked before the first search.
+    plan = [(d, q, g) for d, (queries, galleries) in pools.items() for q, g in plan_cells(queries, galleries)]
     if not plan:
         raise InputError("No query space fits any gallery (dimensions or names differ); nothing to evaluate.")
-    for name, labeled in {**{f"{k} text": v for k, v in text.items()}, **{f"{k} image": v for k, v in image.items()}}.items():
-        check_vectors(labeled.vectors, name)
+    for modality, encoded in (("text", text), ("image", image)):
+        for name, labeled in encoded.items():
+            if name not in stored_galleries:  # stored ones were checked on arrival
+                check_vectors(labeled.vectors, f"{name} {modality} embeddings")
+    for direction, (queries, galleries) in pools.items():
+        _check_dims({n: v.dim for n, v in queries.items()}, {n: v.dim for n, v in galleries.items()}, direction)
     for direction, q, g in plan:
-        queries, galleries = directions[direction]
-        check_pair(queries[q], galleries[g], f"{direction} {q}→{g}", vectors=False)
+        check_pair(pools[direction][0][q], pools[direction][1][g], f"{direction} {q}→{g}", vectors=False)
 
-    cells: list[CellResult] = []
-    for direction, q, g in plan:
-        queries, galleries = directions[direction]
-        cells.append(evaluate_cell(direction, q, g, queries[q], galleries[g], config.ks, config.search, validate=False))
+    cells = [evaluate_cell(d, q, g, pools[d][0][q], pools[d][1][g], config.ks, config.search, validate=False)
+             for d, q, g in plan]
     score_against_reference(cells)
-
-    backfill = {}
-    for direction, (queries, galleries) in directions.items():
-        reembedded = galleries.get("xbt")
-        if "xbt" not in queries or "old" not in galleries or reembedded is None:
-            continue
-        rows = _replaceable_rows(galleries["old"], reembedded)
-        if rows is None:
-            logger.warning("No backfill curve for %s: the stored old gallery cannot be matched item by item.", direction)
-            continue
-        backfill[direction] = {"query": "xbt", **backfill_curve(
-            queries["xbt"], galleries["old"], reembedded.vectors, rows, config.fractions, config.seed, config.ks,
-            config.search)}
 
     dataset: dict[str, Any] = eval_set.describe() if eval_set is not None else {}
     dataset["stored"] = {f"{name} ({kind})": {"items": len(v), "dim": v.dim}
@@ -383,5 +422,5 @@ def evaluate(
                    "shard_rows": config.search.shard_rows},
         "ks": list(config.ks),
         "cells": cells_to_json(cells),
-        "backfill": backfill,
+        "backfill": _backfill_curves(pools, config),
     }
