@@ -274,3 +274,37 @@ def test_cli_on_stored_embeddings_only(tmp_path, capsys):
                 "--queries", f"old={tmp_path / 'q_old.npy'}", "--query-ids", str(tmp_path / "qids_bad.npy"),
                 "--output", str(output)]) == 2
     assert "line up" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("xbt.model") is None, reason="needs the stage-2 XBTModel (xbt.model)")
+def test_cli_on_a_tiny_real_adapter(models, eval_folder, tmp_path):
+    import copy
+
+    from xbt.model import XBTModel
+
+    model = XBTModel(load_backbone(models["new_ref"]), copy.deepcopy(models["projection"]), old_reference=models["old_ref"])
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero: give the adapter an effect of its own
+        for parameter in model.lora_parameters():
+            parameter.normal_(std=0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    output = tmp_path / "eval"
+    assert cli(["eval", "--old", models["old_ref"], "--new", models["new_ref"], "--adapter", str(tmp_path / "adapter"),
+                "--eval-set", str(eval_folder), "--output", str(output), "--blend-alpha", "0.3"]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    cells = {(c["direction"], c["name"]): c for c in report["cells"]}
+    assert {("text→image", n) for n in ("xbt→old", "xbt+old→old", "xbt→xbt", "old→xbt", "xbt+old→xbt")} <= set(cells)
+    assert set(report["backfill"]) == {"text→image", "image→text"}
+    for plot in ("matrix.png", "recall_bars.png", "backfill.png"):
+        with Image.open(output / plot) as image:
+            image.verify()
+    # The adapter cells agree with the reloaded adapter encoding the set directly.
+    eval_set = load_eval_set(eval_folder)
+    reloaded = XBTModel.from_pretrained(tmp_path / "adapter")
+    reloaded.use_old_encoder(models["old"])
+    old_images = Labeled(models["old"].encode_image(eval_set.files).numpy(), eval_set.ids)
+    for name, alpha in (("xbt→old", 0.0), ("xbt+old→old", 0.3)):
+        queries = Labeled(reloaded.encode_text(eval_set.texts, blend_old=alpha).numpy(), eval_set.caption_ids)
+        assert cells[("text→image", name)]["recall"] == {str(k): v for k, v in recall_at_k(queries, old_images, KS).items()}
+    assert report["models"]["xbt+old"]["blend_alpha"] == 0.3
