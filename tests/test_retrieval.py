@@ -104,6 +104,19 @@ def test_approximate_index_reports_its_loss_against_exact_search():
     assert full.recall == exact.recall
     hnsw = evaluate_cell("text→image", "a", "b", q, g, config=SearchConfig("HNSW16"))
     assert 0 < hnsw.recall[1] <= 100 and hnsw.exact_recall == exact.recall
+    # K beyond the gallery with IVF probing one list: items outside it are missing (−1), never hits.
+    small_config = SearchConfig("IVF8,Flat", "nprobe=1")
+    small = Labeled(gallery[:200], np.arange(200))
+    far = rng.normal(size=(200, 24)).astype(np.float32)  # queries unrelated to their labelled item
+    found = search(far, small.vectors, 500, small_config).rows
+    assert (found == -1).any()
+    expected = 100.0 * np.mean([i in row for i, row in enumerate(found)])
+    assert recall_at_k(Labeled(far, np.arange(200)), small, (500,), small_config) == {500: expected}
+    assert expected < 100
+    with pytest.raises(InputError, match="could not build 'IVF999,Flat'"):
+        search(queries, gallery[:100], 5, SearchConfig("IVF999,Flat"))
+    with pytest.raises(InputError, match="index-factory string"):
+        search(queries, gallery, 5, SearchConfig("NoSuchIndex"))
 
 
 @pytest.mark.parametrize("case,message", [

@@ -42,6 +42,7 @@ from .retrieval import (
     check_vectors,
     evaluate_cell,
     score_against_reference,
+    uses_gpu,
 )
 
 logger = logging.getLogger(__name__)
@@ -419,7 +420,7 @@ def evaluate(
         "baselines": sorted(baselines),
         "dataset": dataset,
         "search": {"index_factory": config.search.index_factory, "search_parameters": config.search.search_parameters,
-                   "shard_rows": config.search.shard_rows},
+                   "shard_rows": config.search.shard_rows, "gpu": uses_gpu(config.search)},
         "ks": list(config.ks),
         "cells": cells_to_json(cells),
         "backfill": _backfill_curves(pools, config),

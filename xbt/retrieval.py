@@ -41,6 +41,7 @@ EXACT = "Flat"
 SHARD_BYTES = 1 << 30  # default shard: 1 GiB of float32 gallery rows
 TIE_MARGIN = 16  # extra results fetched so that most tie groups are complete on the first try
 VALIDATION_ROWS = 1 << 16
+MISS = np.iinfo(np.int64).max  # rank of a query whose relevant items are all outside the results
 
 
 @dataclass
@@ -188,7 +189,8 @@ def _canonical(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.take_along_axis(scores, order, -1), np.take_along_axis(rows, order, -1)
 
 
-def _gpu(config: SearchConfig) -> bool:
+def uses_gpu(config: SearchConfig) -> bool:
+    """Whether searches with ``config`` run on faiss GPU."""
     available = getattr(faiss, "get_num_gpus", lambda: 0)() > 0
     if config.gpu and not available:
         raise InputError("SearchConfig.gpu=True but faiss sees no GPU (is faiss-gpu installed?).")
@@ -196,13 +198,19 @@ def _gpu(config: SearchConfig) -> bool:
 
 
 def _build_index(shard: np.ndarray, config: SearchConfig) -> faiss.Index:
-    index = faiss.index_factory(shard.shape[1], config.index_factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(shard)
-    index.add(shard)
-    if config.search_parameters:
-        faiss.ParameterSpace().set_index_parameters(index, config.search_parameters)
-    if _gpu(config):
+    try:
+        index = faiss.index_factory(shard.shape[1], config.index_factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(shard)
+        index.add(shard)
+        if config.search_parameters:
+            faiss.ParameterSpace().set_index_parameters(index, config.search_parameters)
+    except RuntimeError as error:  # faiss reports bad strings and too-small training sets this way
+        message = str(error).strip().splitlines()[-1]
+        raise InputError(f"faiss could not build {config.index_factory!r} (parameters {config.search_parameters!r}) "
+                         f"on a shard of {shard.shape[0]} × {shard.shape[1]} vectors: {message}. Check the "
+                         f"index-factory string, use fewer lists for small galleries, or larger shards.") from error
+    if uses_gpu(config):
         index = faiss.index_cpu_to_all_gpus(index)
     return index
 
@@ -268,12 +276,11 @@ def search(queries: np.ndarray, gallery: np.ndarray, k: int, config: SearchConfi
 # Metrics
 # ---------------------------------------------------------------------------------
 def first_hit_rank(result: SearchResult, query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
-    """0-based rank of the first relevant gallery item per query; ``k`` (the width) when none is in the top k."""
+    """0-based rank of the first relevant gallery item per query; :data:`MISS` when none is in the results."""
     found = result.rows >= 0
     labels = np.where(found, np.asarray(gallery_labels)[np.where(found, result.rows, 0)], -1)
     relevant = found & (labels == np.asarray(query_labels)[:, None])
-    width = result.rows.shape[1]
-    return np.where(relevant.any(1), relevant.argmax(1), width)
+    return np.where(relevant.any(1), relevant.argmax(1), MISS)
 
 
 def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
