@@ -178,6 +178,7 @@ def test_backfill_curve_runs_from_old_to_fully_reembedded():
     assert [curve["recall"][k][-1] for k in ks] == [recall_at_k(queries, Labeled(new, old.labels), ks)[k] for k in ks]
     assert curve["recall"][1][-1] > curve["recall"][1][0] + 30
     assert curve == backfill_curve(queries, old, new, ks=ks, seed=7)
+    assert curve == backfill_curve(queries, old, new, ks=ks, seed=7, config=SearchConfig(shard_rows=13))
     assert curve != backfill_curve(queries, old, new, ks=ks, seed=8)
     # Only some rows replaceable (the rest are distractors without a re-embedding): p=1 replaces just those.
     rows = np.arange(0, 200, 2)

@@ -242,11 +242,12 @@ def shard_rows_for(dim: int, config: SearchConfig) -> int:
     return config.shard_rows or max(1, SHARD_BYTES // (4 * dim))
 
 
-def search(queries: np.ndarray, gallery: np.ndarray, k: int, config: SearchConfig | None = None,
+def search(queries: np.ndarray, gallery: np.ndarray | PartlyReplaced, k: int, config: SearchConfig | None = None,
            desc: str = "search") -> SearchResult:
     """Top-``k`` gallery rows for each query by inner product of normalised vectors.
 
-    ``gallery`` may be a memory-mapped array: it is read one shard at a time. Vectors are
+    ``gallery`` may be a memory-mapped array (or anything with ``shape`` and row slicing): it is
+    read one shard at a time. Vectors are
     L2-normalised here (inputs need not be). Validate inputs with :func:`check_vectors` first.
     """
     config = config or SearchConfig()
@@ -336,6 +337,21 @@ def backfill_order(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(count)
 
 
+class PartlyReplaced:
+    """A gallery with some rows replaced, read one shard at a time (never materialised whole)."""
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray, vectors: np.ndarray):
+        order = np.argsort(rows)
+        self.base, self.rows, self.vectors = base, np.asarray(rows)[order], np.asarray(vectors)[order]
+        self.shape = base.shape
+
+    def __getitem__(self, block: slice) -> np.ndarray:
+        out = np.array(self.base[block], dtype=np.float32)
+        low, high = np.searchsorted(self.rows, [block.start, block.stop])
+        out[self.rows[low:high] - block.start] = self.vectors[low:high]
+        return out
+
+
 def backfill_curve(queries: Labeled, old_gallery: Labeled, reembedded: np.ndarray,
                    replaceable_rows: np.ndarray | None = None,
                    fractions: Sequence[float] = tuple(i / 10 for i in range(11)), seed: int = 0,
@@ -359,8 +375,7 @@ def backfill_curve(queries: Labeled, old_gallery: Labeled, reembedded: np.ndarra
     recall: dict[int, list[float]] = {int(k): [] for k in ks}
     for p in tqdm(fractions, desc="backfill", unit="step", disable=len(old_gallery) < 100_000):
         chosen = order[:int(math.floor(p * len(rows) + 0.5))]
-        mixed = np.array(old_gallery.vectors, dtype=np.float32)
-        mixed[rows[chosen]] = reembedded[chosen]
+        mixed = PartlyReplaced(old_gallery.vectors, rows[chosen], reembedded[chosen])
         result = search(queries.vectors, mixed, max(ks), config, f"backfill p={p:.1f}")
         for k, value in recall_from_ranks(first_hit_rank(result, queries.labels, old_gallery.labels), ks).items():
             recall[k].append(value)
