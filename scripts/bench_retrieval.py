@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def encode_throughput(count: int, workdir: Path) -> dict:
     from xbt import load_backbone
     from xbt.demo.models import TinyClipConfig, build_hf_clip, build_open_clip
     from xbt.demo.run import generated_pairs
+    from xbt.evaluation import BlendedText
     from xbt.projection import Projection
 
     images, captions = generated_pairs(count, seed=0)
@@ -107,16 +109,26 @@ def encode_throughput(count: int, workdir: Path) -> dict:
     encoders = {"old": load_backbone(build_open_clip(workdir / "old", TinyClipConfig(seed=0))),
                 "new": load_backbone(build_hf_clip(workdir / "new", TinyClipConfig(width=96, layers=3, embed_dim=48,
                                                                                    seed=1)))}
+    projection = Projection(48, 32, kind="mlp").eval()
+    try:  # the adapter space needs stage 2
+        from xbt.model import XBTModel
+
+        encoders["xbt"] = XBTModel(load_backbone(encoders["new"].reference), projection)
+        encoders["xbt+old"] = BlendedText(encoders["xbt"], 0.5)
+        encoders["xbt"].use_old_encoder(encoders["old"])
+    except ImportError:
+        logging.warning("xbt.model (stage 2) is not available: no xbt / xbt+old throughput")
     out = {"items": count}
     new_text = new_image = None
     for name, encoder in encoders.items():
         encoder.encode_text(captions[:8])
         text_s, text = _best_of(lambda: encoder.encode_text(captions), 1)
-        image_s, image = _best_of(lambda: encoder.encode_image(paths), 1)
-        out[name] = {"captions_per_s": count / text_s, "images_per_s_from_png": count / image_s}
+        out[name] = {"captions_per_s": count / text_s}
+        if hasattr(encoder, "encode_image"):
+            image_s, image = _best_of(lambda: encoder.encode_image(paths), 1)
+            out[name]["images_per_s_from_png"] = count / image_s
         if name == "new":
             new_text, new_image = text, image
-    projection = Projection(48, 32, kind="mlp").eval()
     with torch.no_grad():
         seconds, _ = _best_of(lambda: (projection(new_text), projection(new_image)), 3)
     out["baseline_projection_on_cached_new"] = {"vectors_per_s": 2 * count / seconds}

@@ -47,7 +47,7 @@ def _captioned_set(rng, images: int = 40):
     return Labeled(image_vectors, np.arange(images)), Labeled(captions, owners)
 
 
-@pytest.mark.parametrize("shard_rows,query_batch", [(None, 8192), (7, 5), (64, 3)])
+@pytest.mark.parametrize("shard_rows,query_batch", [(None, 8192), (7, 40), (64, 3)])
 def test_recall_matches_brute_force_with_ties_several_captions_and_large_k(shard_rows, query_batch):
     rng = np.random.default_rng(0)
     images, captions = _captioned_set(rng)
