@@ -169,14 +169,16 @@ def _peak_child(path: str, queries_count: int, shard_rows: int, k: int) -> None:
                       "shard_mb": shard_rows * gallery.shape[1] * 4 / 2**20, "first_rows": result.rows[0, :3].tolist()}))
 
 
-def sharded_memory(count: int, dim: int, queries_count: int, shard_rows: int, k: int, workdir: Path) -> dict:
+def sharded_memory(count: int, dim: int, queries_count: int, shard_rows: int, k: int, workdir: Path,
+                   threads: int | None) -> dict:
     path = workdir / "gallery.npy"
     gallery = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(count, dim))
     for start in range(0, count, 100_000):
         gallery[start:start + 100_000] = clustered(min(100_000, count - start), dim, seed=10 + start)
     gallery.flush()
     del gallery
-    output = subprocess.run([sys.executable, __file__, "--child", str(path), str(queries_count), str(shard_rows), str(k)],
+    command = [sys.executable, __file__, "--child", str(path), str(queries_count), str(shard_rows), str(k)]
+    output = subprocess.run(command + (["--threads", str(threads)] if threads else []),
                             capture_output=True, text=True, check=True)
     return {"gallery": [count, dim], "queries": queries_count, **json.loads(output.stdout.strip().splitlines()[-1])}
 
@@ -195,22 +197,22 @@ def main() -> None:
     parser.add_argument("--output", help="also write the figures to this JSON file")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     options = parser.parse_args()
-    if options.child:
-        path, queries, shard_rows, k = options.child
-        _peak_child(path, int(queries), int(shard_rows), int(k))
-        return
     if options.threads:  # the same thread count for both, or the comparison is not fair
         import faiss
 
         faiss.omp_set_num_threads(options.threads)
         torch.set_num_threads(options.threads)
+    if options.child:
+        path, queries, shard_rows, k = options.child
+        _peak_child(path, int(queries), int(shard_rows), int(k))
+        return
     figures = {"search": search_speed(options.gallery, options.queries, options.dim, options.k, options.repeats)}
     print(json.dumps(figures["search"], indent=2), flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         figures["encode"] = encode_throughput(options.encode_items, Path(workdir))
         print(json.dumps(figures["encode"], indent=2), flush=True)
         figures["sharded"] = sharded_memory(options.big_gallery, options.dim, options.queries, options.shard_rows,
-                                            options.k, Path(workdir))
+                                            options.k, Path(workdir), options.threads)
         print(json.dumps(figures["sharded"], indent=2), flush=True)
     if options.output:
         Path(options.output).parent.mkdir(parents=True, exist_ok=True)
