@@ -103,7 +103,7 @@ def test_eval_set_loader_reads_jsonl_and_csv_and_refuses_bad_sets(tmp_path, eval
         rows += [f"{path.name},{caption}" for caption in captions]
     (csv_folder / "metadata.csv").write_text("\n".join(rows) + "\n")
     from_csv = load_eval_set(csv_folder)
-    assert from_csv.captions == loaded.captions and from_csv.fingerprint() == loaded.fingerprint()
+    assert from_csv.captions == loaded.captions and from_csv.fingerprint == loaded.fingerprint
 
     def broken(lines, name):
         folder = tmp_path / name

@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -81,6 +82,7 @@ class EvalSet:
         """The id of the image each caption (in :attr:`texts` order) describes."""
         return np.repeat(self.ids, [len(captions) for captions in self.captions])
 
+    @cached_property
     def fingerprint(self) -> str:
         """Hash of ids, captions and image bytes: cached embeddings are reused only for this exact set."""
         digest = hashlib.sha256()
@@ -91,7 +93,7 @@ class EvalSet:
 
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.root), "images": len(self.files), "captions": len(self.texts),
-                "fingerprint": self.fingerprint()}
+                "fingerprint": self.fingerprint}
 
 
 def _metadata_rows(folder: Path) -> list[dict]:
@@ -189,7 +191,7 @@ def _encode(function: Callable[[list], torch.Tensor], items: list, desc: str) ->
 def encode_space(space: Space, eval_set: EvalSet, modality: str, cache_dir: Path | None) -> np.ndarray:
     """Embeddings of the set's captions or images in ``space``, read from the cache when the
     space's and the set's fingerprints match what the cache file records."""
-    key = None if space.fingerprint is None else f"{space.fingerprint}/{eval_set.fingerprint()}"
+    key = None if space.fingerprint is None else f"{space.fingerprint}/{eval_set.fingerprint}"
     path = None if cache_dir is None else cache_dir / f"{space.name.replace('+', '_')}-{modality}.safetensors"
     if path is not None and key is not None and path.is_file():
         from safetensors import safe_open
