@@ -73,6 +73,7 @@ def test_sharded_memory_mapped_search_equals_unsharded(tmp_path):
     rng = np.random.default_rng(1)
     gallery = rng.normal(size=(5000, 32)).astype(np.float32)
     gallery[4000:4100] = gallery[100:200]  # exact duplicates across shards
+    gallery[::3] /= np.linalg.norm(gallery[::3], axis=1, keepdims=True)  # some rows already unit length
     np.save(tmp_path / "gallery.npy", gallery)
     mapped = np.load(tmp_path / "gallery.npy", mmap_mode="r")
     queries = rng.normal(size=(300, 32)).astype(np.float32)
