@@ -269,6 +269,7 @@ def test_cli_on_stored_embeddings_only(tmp_path, capsys):
     assert report["backfill"]["text→image"]["recall"]["1"][-1] == report["cells"][2]["recall"]["1"]
     with Image.open(output / "backfill.png") as image:
         image.verify()
+    assert "**stored old (gallery)**: 300 vectors of dimension 16" in (output / "report.md").read_text()
     np.save(tmp_path / "qids_bad.npy", ids[targets] + 1)
     assert cli(["eval", "--gallery", f"old={tmp_path / 'old.npy'}", "--gallery-ids", str(tmp_path / "ids.npy"),
                 "--queries", f"old={tmp_path / 'q_old.npy'}", "--query-ids", str(tmp_path / "qids_bad.npy"),

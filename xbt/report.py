@@ -68,6 +68,8 @@ def markdown(report: dict) -> str:
     if dataset:
         lines.append("- **data**: " + ", ".join(f"{key} {value}" for key, value in dataset.items()
                                                if not isinstance(value, (dict, list))))
+    for name, stored in dataset.get("stored", {}).items():
+        lines.append(f"- **stored {name}**: {stored['items']} vectors of dimension {stored['dim']}")
     search = report.get("search", {})
     lines += [f"- **search**: {', '.join(f'{k} {v}' for k, v in search.items())}", ""]
     lines += ["Recall@K in percent. *compatible*: beats old→old at that K. *gap*: share of the old→new gap "
