@@ -295,10 +295,11 @@ def test_table_with_image_paths(tmp_path):
     table = datasets.Dataset.from_dict({"image": [f"images/{i}.png" for i in range(3)] + ["images/gone.png"],
                                         "caption": ["a", "b", "c", "d"]})
     table.to_parquet(str(tmp_path / "rows.parquet"))
-    source = open_pairs(PairDataConfig(source=str(tmp_path), max_bad_fraction=0.5, shuffle=False))
-    assert source.format == "parquet"
-    batch = next(iter(make_pair_loader(source, transform=tiny_preprocess)))
-    assert batch["ids"] == ["0", "1", "2"] and [bad.reason for bad in batch["bad"]] == ["missing_image"]
+    for where in (tmp_path, tmp_path / "rows.parquet"):  # paths are relative to the parquet file's folder
+        source = open_pairs(PairDataConfig(source=str(where), max_bad_fraction=0.5, shuffle=False))
+        assert source.format == "parquet"
+        batch = next(iter(make_pair_loader(source, transform=tiny_preprocess)))
+        assert batch["ids"] == ["0", "1", "2"] and [bad.reason for bad in batch["bad"]] == ["missing_image"]
 
 
 # ----------------------------------------------------------------------------- tar shards
@@ -399,3 +400,16 @@ def test_damaged_tar_samples_and_shards_are_counted(tmp_path):
     (tmp_path / "fake.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(InputError, match="not a readable tar"):
         open_pairs(PairDataConfig(source=str(tmp_path / "fake.tar")))
+
+
+def test_check_pairs_command(tmp_path, capsys):
+    from xbt.cli import main
+
+    root = write_folder(tmp_path / "f", 5)
+    assert main(["check-pairs", "--source", str(root), "--batch_size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["kept"] == 5
+    (root / "img_001.jpg").write_bytes(b"broken")
+    assert main(["check-pairs", "--source", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skipped_by_reason"] == {"corrupt_image": 1}
+    assert "img_001.jpg" in captured.err and "max_bad_fraction" in captured.err

@@ -301,7 +301,10 @@ def _open_table(config: PairDataConfig, kind: str) -> PairSource:
         if _add(source, example_id, clean_captions(cell, separator=config.caption_separator)):
             rows.append(row)
     local = Path(config.source)
-    source.images = TableImages(table, config.image_column, rows, local if local.is_dir() else None)
+    # Workers get only the image column: other columns may be large and are not needed there.
+    images = table.select_columns([config.image_column])
+    root = local if local.is_dir() else local.parent if local.is_file() else None  # for relative image paths
+    source.images = TableImages(images, config.image_column, rows, root)
     return source
 
 
