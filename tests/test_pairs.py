@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import datasets
@@ -23,6 +27,7 @@ from xbt.data.pairs import (PairDataConfig, PairSampler, detect_format, iter_cap
                             set_loader_epoch)
 
 SIZE = 8
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_preprocess(image: Image.Image) -> torch.Tensor:
@@ -413,3 +418,53 @@ def test_check_pairs_command(tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["skipped_by_reason"] == {"corrupt_image": 1}
     assert "img_001.jpg" in captured.err and "max_bad_fraction" in captured.err
+
+
+# Run under `accelerate launch` with two real processes (test harness): every rank writes the pairs it saw.
+RANK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from accelerate import Accelerator
+    sys.path.insert(0, {tests!r})
+    from test_pairs import read_all, tiny_preprocess
+    from xbt.data.pairs import PairDataConfig, make_pair_loader, open_pairs, set_loader_epoch
+
+    folder, shards, out = sys.argv[1:4]
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    source = open_pairs(PairDataConfig(source=folder, batch_size=3, seed=4))
+    prepared = accelerator.prepare(make_pair_loader(source, transform=tiny_preprocess))
+    set_loader_epoch(prepared, 1)
+    by_rank = make_pair_loader(source, transform=tiny_preprocess, rank=rank, world_size=world)
+    set_loader_epoch(by_rank, 1)
+    stream = open_pairs(PairDataConfig(source=shards, batch_size=3, seed=4, num_workers=2))
+    seen = {{"world": world, "prepared": read_all(prepared), "by_rank": read_all(by_rank),
+             "tar": read_all(make_pair_loader(stream, transform=tiny_preprocess, rank=rank, world_size=world))}}
+    with open(f"{{out}}/rank{{rank}}.json", "w") as handle:
+        json.dump(seen, handle)
+""")
+
+
+@pytest.mark.slow
+def test_two_accelerate_processes_share_the_data(tmp_path):
+    folder = write_folder(tmp_path / "f", 12, captions_per_image=4)
+    keys = write_shards(tmp_path / "shards", shards=4, per_shard=5)
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT.format(tests=str(REPO / "tests")))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(script), str(folder), str(tmp_path / "shards"), str(tmp_path)]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [seen["world"] for seen in ranks] == [2, 2]
+
+    single = make_pair_loader(open_pairs(PairDataConfig(source=str(folder), batch_size=3, seed=4)))
+    set_loader_epoch(single, 1)
+    expected = sorted(map(tuple, read_all(single)))
+    for way in ("prepared", "by_rank"):  # each rank gets half; together the same pairs as one process
+        assert len(ranks[0][way]) == len(ranks[1][way]) == 6
+        assert sorted(tuple(pair) for seen in ranks for pair in seen[way]) == expected
+    tar_ids = [example_id for seen in ranks for example_id, _ in seen["tar"]]
+    assert sorted(tar_ids) == sorted(keys) and all(seen["tar"] for seen in ranks)
