@@ -20,20 +20,28 @@ API, in the order a training script uses it::
     ids_and_captions = list(iter_captions(source))     # (id, [captions]) without touching images
     loader = make_pair_loader(source, transform=encoder.preprocess)
     for epoch in range(epochs):
-        set_loader_epoch(loader, epoch)               # new order and caption choice per epoch
-        quality = source.new_quality()
-        for batch in loader:                           # batch: see xbt.data.quality.collate_pairs
+        set_loader_epoch(loader, epoch)                # this epoch's order and captions
+        quality = source.new_quality()                 # new_quality(world_size) on each of several ranks
+        for batch in loader:
             quality.update(batch)                      # raises InputError once too much is bad
-            ...batch["images"], batch["captions"], batch["ids"]...
+            ...
         quality.finish()                               # logs the summary, enforces max_bad_fraction
+
+A batch (:func:`~xbt.data.quality.collate_pairs`) holds ``images`` (stacked
+``transform`` outputs), ``captions`` (the caption each example shows this step),
+``caption_indices`` (its position in the example's caption list: the key for cached
+per-caption embeddings), ``ids`` (to match stored old image embeddings), ``indices``
+and ``bad``. Skipped examples make batches smaller, possibly empty.
 
 Determinism: the order of a map-style source is a permutation fixed by (seed, epoch);
 each example's caption is fixed by (seed, epoch, id), so a resumed run sees the same
-pairs. Resume mid-epoch with ``accelerate.skip_first_batches(loader, n)`` (works on
-these loaders, prepared or not). Several processes: build a map-style loader with
-the defaults and ``accelerator.prepare`` it, OR pass ``rank``/``world_size`` and do not
-prepare it; tar-shard loaders always take ``rank``/``world_size`` (never prepare them:
-accelerate would split or dispatch the stream a second time).
+pairs. Resume mid-epoch: ``set_loader_epoch(loader, epoch)`` then
+``accelerate.skip_first_batches(loader, n)`` (plain or prepared loaders; a tar stream
+is read and dropped up to the resume point). Tar order also depends on the worker
+count and world size. Several processes: build a map-style loader with the defaults
+and ``accelerator.prepare`` it, OR pass ``rank``/``world_size`` and do not prepare it;
+tar-shard loaders always take ``rank``/``world_size`` (never prepare them: accelerate
+would split or dispatch the stream a second time).
 
 Bad data: missing, corrupt, truncated or oversized images and examples without a
 non-empty caption are skipped and counted (:class:`~xbt.data.quality.DataQuality`);
