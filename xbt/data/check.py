@@ -7,7 +7,6 @@ in minutes, and lists the files to fix.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 
 from tqdm import tqdm
@@ -15,8 +14,6 @@ from transformers import HfArgumentParser
 
 from .pairs import PairDataConfig, make_pair_loader, open_pairs
 from .quality import DataQuality
-
-logger = logging.getLogger(__name__)
 
 
 def scan(config: PairDataConfig) -> DataQuality:
