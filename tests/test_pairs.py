@@ -402,6 +402,13 @@ def test_damaged_tar_samples_and_shards_are_counted(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="No tar shards"):
         open_pairs(PairDataConfig(source=str(tmp_path / "empty"), format="webdataset"))
+    (tmp_path / "gz").mkdir()
+    with tarfile.open(tmp_path / "gz" / "part.tar.gz", "w:gz") as archive:
+        add_member(archive, "zipped.png", image_bytes(4))
+        add_member(archive, "zipped.txt", b"a compressed picture")
+    gzipped = open_pairs(PairDataConfig(source=str(tmp_path / "gz")))
+    assert gzipped.format == "webdataset" and list(iter_captions(gzipped)) == [("zipped", ["a compressed picture"])]
+    assert read_all(make_pair_loader(gzipped, transform=tiny_preprocess)) == [("zipped", "a compressed picture")]
     (tmp_path / "fake.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(InputError, match="not a readable tar"):
         open_pairs(PairDataConfig(source=str(tmp_path / "fake.tar")))

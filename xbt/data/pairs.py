@@ -67,7 +67,7 @@ from ..errors import InputError
 from ..images import decode_image, load_image
 from .examples import NO_CAPTION, BadExample, Transform, clean_captions, make_example
 from .quality import DataQuality, collate_pairs
-from .webdataset import WebDatasetPairs, find_shards, iter_shard_captions
+from .webdataset import SHARD_SUFFIXES, WebDatasetPairs, find_shards, iter_shard_captions
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def detect_format(source: str) -> str:
             return "disk"
         if any(path.glob("*.parquet")):
             return "parquet"
-        if any(path.glob("*.tar")) or any(path.glob("*.tar.gz")):
+        if any(child.name.endswith(SHARD_SUFFIXES) for child in path.iterdir()):
             return "webdataset"
         raise InputError(f"Folder {source!r} holds no metadata.jsonl / metadata.csv, saved dataset, parquet "
                          "files or tar shards. For an image folder write metadata.jsonl with lines like "
@@ -223,7 +223,7 @@ def detect_format(source: str) -> str:
     if matches:
         if all(name.endswith(".parquet") for name in matches):
             return "parquet"
-        if all(name.endswith((".tar", ".tar.gz", ".tgz")) for name in matches):
+        if all(name.endswith(SHARD_SUFFIXES) for name in matches):
             return "webdataset"
         raise InputError(f"Cannot tell the format of {source!r}: expected .parquet or .tar files; "
                          "set format explicitly.")
