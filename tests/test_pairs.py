@@ -79,6 +79,20 @@ def test_folder_jsonl_groups_rows_drops_empty_captions_and_lists_without_decodin
     assert listed["img_000.png"] == ["caption 0 of image 0", "caption 1 of image 0", "caption 2 of image 0", "one more"]
     assert [(bad.id, bad.reason) for bad in source.skipped] == [("blank.png", "no_caption")]
 
+    # Ids from a column (e.g. the ids of stored old image embeddings); one id must name one image.
+    rows = [{"file_name": f"img_00{i}.{'jpg' if i % 2 else 'png'}", "caption": f"c{i}", "gallery_id": 100 + i}
+            for i in range(4)]
+    (root / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    source = open_pairs(PairDataConfig(source=str(root), id_column="gallery_id", shuffle=False))
+    assert source.ids == ["100", "101", "102", "103"]
+    assert next(iter(make_pair_loader(source, transform=tiny_preprocess)))["ids"][0] == "100"
+    rows[3]["gallery_id"] = 100
+    (root / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    with pytest.raises(InputError, match="id '100' names two images"):
+        open_pairs(PairDataConfig(source=str(root), id_column="gallery_id"))
+    with pytest.raises(InputError, match="no id column 'uid'"):
+        open_pairs(PairDataConfig(source=str(root), id_column="uid"))
+
 
 def test_folder_csv_single_captions_json_lists_and_separator(tmp_path):
     root = tmp_path / "csv"
@@ -281,6 +295,12 @@ def test_saved_parquet_and_hub_branch_tables(tmp_path):
 
     with_ids = open_pairs(PairDataConfig(source=str(tmp_path / "saved"), id_column="uid", **common))
     assert with_ids.ids[:2] == ["u0", "u1"]
+    # One row per caption (COCO style): rows sharing an id are one image, the first row's.
+    per_caption = datasets.concatenate_datasets([table, table.map(lambda row: {"alt": row["alt"] + " again"})])
+    per_caption.save_to_disk(str(tmp_path / "per_caption"))
+    grouped = open_pairs(PairDataConfig(source=str(tmp_path / "per_caption"), id_column="uid", **common))
+    assert len(grouped) == 6 and grouped.captions[0] == ["a photo number 0", "a photo number 0 again"]
+    assert grouped.captions[2] == ["again"] and grouped.images.rows == [0, 1, 2, 3, 4, 5]
     with pytest.raises(InputError, match="no image column 'image'"):
         open_pairs(PairDataConfig(source=str(tmp_path / "saved"), caption_column="alt"))
     with pytest.raises(InputError, match="no id column"):

@@ -5,14 +5,16 @@ Sources (``PairDataConfig.source``; ``format="auto"`` tells them apart):
 - ``folder``: a folder of images with ``metadata.jsonl`` or ``metadata.csv``: a
   ``file_name`` column (path relative to the folder) and captions: ``caption`` or
   ``text`` (one string) or ``captions`` (a list; in CSV a JSON-encoded list, or any
-  caption column split on ``caption_separator``). Rows that share a ``file_name``
-  are one image with all their captions. Id = ``file_name``.
+  caption column split on ``caption_separator``). Id = ``id_column`` if given (e.g.
+  the id of the image's stored old embedding), else ``file_name``.
 - ``disk`` (a ``Dataset.save_to_disk`` folder), ``parquet`` (file, folder or glob)
   and ``hub`` (a dataset name for ``datasets.load_dataset``): a table with an image
   column (an ``Image`` feature, encoded bytes, or file paths) and a caption column.
   Id = ``id_column`` if given, else the row index.
 - ``webdataset``: tar shards of ``{key}.jpg|png|...`` + ``{key}.txt|json`` (a folder,
   a file or a glob), streamed; see :mod:`xbt.data.webdataset`. Id = key.
+
+Rows that share an id are one image (a table's first such row) with all their captions.
 
 API, in the order a training script uses it::
 
@@ -258,17 +260,15 @@ def _open_folder(config: PairDataConfig) -> PairSource:
     caption_column = _caption_column(config, table.column_names, str(metadata))
     if "file_name" not in table.column_names:
         raise InputError(f"{str(metadata)!r} has no 'file_name' column (columns: {table.column_names}).")
+    if any(not name for name in table["file_name"]):
+        raise InputError(f"{str(metadata)!r} has a row with an empty file_name.")
     json_list = metadata.suffix == ".csv" and caption_column == "captions"
-    grouped: dict[str, list[str]] = {}
-    for file_name, cell in zip(table["file_name"], table[caption_column]):
-        if not file_name:
-            raise InputError(f"{str(metadata)!r} has a row with an empty file_name.")
-        captions = clean_captions(cell, separator=config.caption_separator, json_list=json_list)
-        grouped.setdefault(file_name, []).extend(captions)
+    captions = (clean_captions(cell, separator=config.caption_separator, json_list=json_list)
+                for cell in table[caption_column])
+    ids = _ids(config, table, str(metadata)) or table["file_name"]
     source = PairSource(config, "folder", f"image folder {str(root)!r}")
-    for file_name, captions in grouped.items():
-        _add(source, file_name, captions)
-    source.images = FolderImages(root, list(source.ids))
+    source.images = FolderImages(root, _group(source, zip(ids, table["file_name"], captions),
+                                                      same_image_required=True))
     return source
 
 
@@ -298,16 +298,12 @@ def _open_table(config: PairDataConfig, kind: str) -> PairSource:
         raise InputError(f"{where} has no image column {config.image_column!r} (columns: {table.column_names}); "
                          "set image_column.")
     caption_column = _caption_column(config, table.column_names, where)
-    if config.id_column is not None and config.id_column not in table.column_names:
-        raise InputError(f"{where} has no id column {config.id_column!r} (columns: {table.column_names}).")
+    ids = _ids(config, table, where) or map(str, range(len(table)))
     if isinstance(table.features[config.image_column], datasets.Image):
         table = table.cast_column(config.image_column, datasets.Image(decode=False))
-    ids = map(str, table[config.id_column]) if config.id_column else map(str, range(len(table)))
     source = PairSource(config, kind, where)
-    rows = []
-    for row, (example_id, cell) in enumerate(zip(ids, table[caption_column])):
-        if _add(source, example_id, clean_captions(cell, separator=config.caption_separator)):
-            rows.append(row)
+    captions = (clean_captions(cell, separator=config.caption_separator) for cell in table[caption_column])
+    rows = _group(source, zip(ids, range(len(table)), captions), same_image_required=False)
     local = Path(config.source)
     # Workers get only the image column: other columns may be large and are not needed there.
     images = table.select_columns([config.image_column])
@@ -328,13 +324,35 @@ def _caption_column(config: PairDataConfig, columns: list[str], where: str) -> s
     return found
 
 
-def _add(source: PairSource, example_id: str, captions: list[str]) -> bool:
-    if not captions:
-        source.skipped.append(BadExample(example_id, NO_CAPTION, "no non-empty caption in the metadata"))
-        return False
-    source.ids.append(example_id)
-    source.captions.append(captions)
-    return True
+def _ids(config: PairDataConfig, table, where: str) -> list[str] | None:
+    """The id column's values as strings, or None when ids are not taken from a column."""
+    if config.id_column is None:
+        return None
+    if config.id_column not in table.column_names:
+        raise InputError(f"{where} has no id column {config.id_column!r} (columns: {table.column_names}).")
+    return [str(value) for value in table[config.id_column]]
+
+
+def _group(source: PairSource, rows, same_image_required: bool) -> list:
+    """Fill ``source`` from (id, image, captions) rows; rows sharing an id are one image with all their captions.
+
+    Returns the image (file name or first row) of each kept example. With ``same_image_required``
+    (file names, which can be compared), an id naming two different images is an error.
+    """
+    images: dict[str, Any] = {}
+    captions: dict[str, list[str]] = {}
+    for example_id, image, row_captions in rows:
+        if images.setdefault(example_id, image) != image and same_image_required:
+            raise InputError(f"{source.description}: id {example_id!r} names two images ({images[example_id]!r} "
+                             f"and {image!r}); ids must identify one image.")
+        captions.setdefault(example_id, []).extend(row_captions)
+    for example_id, example_captions in captions.items():
+        if example_captions:
+            source.ids.append(example_id)
+            source.captions.append(example_captions)
+        else:
+            source.skipped.append(BadExample(example_id, NO_CAPTION, "no non-empty caption in the metadata"))
+    return [images[example_id] for example_id in source.ids]
 
 
 def iter_captions(source: PairSource) -> Iterator[tuple[str, list[str]]]:
