@@ -3,8 +3,10 @@
 Writes N generated JPEGs once as an image folder and as tar shards, then times whole
 epochs (worker start-up included) side by side. The preprocess is tiny (resize to
 32 px + tensor) so the figure is the loader's own cost: decoding and batching.
+Then the private memory one forked worker ends up with after reading every caption
+of a large source, held as Python lists vs packed (xbt.data.packed).
 
-    PYTHONPATH=$PWD python scripts/bench_pairs.py --images 2000 --size 256 --workers 2
+    PYTHONPATH=$PWD python scripts/bench_pairs.py --images 2000 --size 256 --workers 2 --captions 1000000
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from xbt.data.packed import PackedCaptions
 from xbt.data.pairs import PairDataConfig, make_pair_loader, open_pairs
 
 
@@ -63,6 +68,25 @@ def images_per_second(source_path: Path, workers: int, batch_size: int, repeats:
     return seen / best
 
 
+class CaptionReader(Dataset):
+    """Reads one example's captions per item; reports the worker's private memory (USS) in MiB."""
+
+    def __init__(self, captions):
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> float:
+        self.captions[index]
+        return psutil.Process().memory_full_info().uss / 2**20 if index % 50_000 == 0 else 0.0
+
+
+def worker_private_mib(captions) -> float:
+    loader = DataLoader(CaptionReader(captions), batch_size=1000, num_workers=1, collate_fn=max)
+    return max(loader)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
@@ -71,6 +95,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="best of this many epochs")
+    parser.add_argument("--captions", type=int, default=1_000_000, help="examples (5 captions each) for the memory test")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
@@ -82,7 +107,12 @@ def main() -> None:
             for workers in (0, options.workers):
                 rate = images_per_second(root / kind, workers, options.batch_size, options.repeats)
                 print(f"| {kind} | {workers} | {rate:,.0f} |")
+    lists = [[f"caption {c} of example number {index}" for c in range(5)] for index in range(options.captions)]
+    print(f"\nworker private memory after reading {options.captions:,} examples x 5 captions:")
+    print(f"| captions held as | worker USS (MiB) |\n|---|---|\n| Python lists | {worker_private_mib(lists):,.0f} |")
+    print(f"| packed | {worker_private_mib(PackedCaptions(lists)):,.0f} |")
 
 
 if __name__ == "__main__":
     main()
+

@@ -23,6 +23,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from xbt import InputError
 from xbt import images as xbt_images
 from xbt.data.examples import caption_choice, clean_captions
+from xbt.data.packed import PackedCaptions, PackedStrings
 from xbt.data.pairs import (PairDataConfig, PairSampler, detect_format, iter_captions, make_pair_loader, open_pairs,
                             set_loader_epoch)
 
@@ -111,6 +112,14 @@ def test_folder_csv_single_captions_json_lists_and_separator(tmp_path):
     (root / "metadata.csv").write_text("file_name,caption\na.png,red car|blue car||\n")
     source = open_pairs(PairDataConfig(source=str(root), caption_separator="|"))
     assert dict(iter_captions(source)) == {"a.png": ["red car", "blue car"]}
+
+
+def test_packed_strings_round_trip():
+    lists = [["a dog", "ein Hund 🐕"], [], ["", "x" * 1000]]
+    packed = PackedCaptions(lists)
+    assert [packed[i] for i in range(len(packed))] == lists
+    flat = PackedStrings(["é", "", "z"])
+    assert list(flat) == ["é", "", "z"] and len(PackedStrings([])) == 0
 
 
 def test_clean_captions_rejects_a_broken_json_list():
@@ -300,7 +309,7 @@ def test_saved_parquet_and_hub_branch_tables(tmp_path):
     per_caption.save_to_disk(str(tmp_path / "per_caption"))
     grouped = open_pairs(PairDataConfig(source=str(tmp_path / "per_caption"), id_column="uid", **common))
     assert len(grouped) == 6 and grouped.captions[0] == ["a photo number 0", "a photo number 0 again"]
-    assert grouped.captions[2] == ["again"] and grouped.images.rows == [0, 1, 2, 3, 4, 5]
+    assert grouped.captions[2] == ["again"] and grouped.images.rows.tolist() == [0, 1, 2, 3, 4, 5]
     with pytest.raises(InputError, match="no image column 'image'"):
         open_pairs(PairDataConfig(source=str(tmp_path / "saved"), caption_column="alt"))
     with pytest.raises(InputError, match="no id column"):

@@ -62,12 +62,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import InputError
 from ..images import decode_image, load_image
 from .examples import NO_CAPTION, BadExample, Transform, clean_captions, make_example
+from .packed import PackedCaptions, PackedStrings
 from .quality import DataQuality, collate_pairs
 from .webdataset import SHARD_SUFFIXES, WebDatasetPairs, find_shards, iter_shard_captions
 
@@ -114,7 +116,7 @@ class FolderImages:
     """Images of a folder source, by position: files named in the metadata."""
 
     root: Path
-    file_names: list[str]
+    file_names: PackedStrings
 
     def load(self, position: int):
         return load_image(self.root / self.file_names[position])
@@ -126,11 +128,11 @@ class TableImages:
 
     table: Any  # datasets.Dataset with its image column not decoded
     column: str
-    rows: list[int]
+    rows: np.ndarray  # table row of each position
     root: Path | None  # where relative paths point (a local source), else None
 
     def load(self, position: int):
-        row = self.rows[position]
+        row = int(self.rows[position])
         cell = self.table[row][self.column]
         name = f"row {row}"
         if isinstance(cell, dict):
@@ -267,8 +269,8 @@ def _open_folder(config: PairDataConfig) -> PairSource:
                 for cell in table[caption_column])
     ids = _ids(config, table, str(metadata)) or table["file_name"]
     source = PairSource(config, "folder", f"image folder {str(root)!r}")
-    source.images = FolderImages(root, _group(source, zip(ids, table["file_name"], captions),
-                                                      same_image_required=True))
+    file_names = _group(source, zip(ids, table["file_name"], captions), same_image_required=True)
+    source.images = FolderImages(root, PackedStrings(file_names))
     return source
 
 
@@ -308,7 +310,7 @@ def _open_table(config: PairDataConfig, kind: str) -> PairSource:
     # Workers get only the image column: other columns may be large and are not needed there.
     images = table.select_columns([config.image_column])
     root = local if local.is_dir() else local.parent if local.is_file() else None  # for relative image paths
-    source.images = TableImages(images, config.image_column, rows, root)
+    source.images = TableImages(images, config.image_column, np.asarray(rows, dtype=np.int64), root)
     return source
 
 
@@ -376,7 +378,9 @@ class PairDataset(Dataset):
     def __init__(self, source: PairSource, transform: Transform | None = None):
         if source.streamed or source.images is None:
             raise InputError("PairDataset needs a folder or table source; tar shards stream (WebDatasetPairs).")
-        self.ids, self.captions, self.images = source.ids, source.captions, source.images
+        # Packed: forked workers then share them instead of copying them page by page (see packed.py).
+        self.ids, self.captions = PackedStrings(source.ids), PackedCaptions(source.captions)
+        self.images = source.images
         self.transform, self.seed = transform, source.config.seed
 
     def __len__(self) -> int:
