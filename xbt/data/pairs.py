@@ -91,7 +91,7 @@ class PairDataConfig:
     split: str = field(default="train", metadata={"help": "split of a Hub or save_to_disk dataset"})
     image_column: str = field(default="image", metadata={"help": "image column of a table source"})
     caption_column: str | None = field(default=None, metadata={"help": "default: captions, caption or text"})
-    id_column: str | None = field(default=None, metadata={"help": "table id column (default: row index)"})
+    id_column: str | None = field(default=None, metadata={"help": "id column (default: file_name, row index)"})
     caption_separator: str | None = field(default=None, metadata={"help": "split caption strings on this"})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "stop when more than this is unusable"})
     seed: int = 0
