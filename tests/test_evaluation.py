@@ -82,6 +82,10 @@ def eval_folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("evalset") / "set", 30)
 
 
+def _images(eval_set):
+    return eval_set.load_images(range(len(eval_set.ids)))
+
+
 def _spaces(models, xbt=None):
     spaces = [Space("old", models["old"], models["old"].fingerprint), Space("new", models["new"], models["new"].fingerprint)]
     if xbt is not None:
@@ -91,19 +95,22 @@ def _spaces(models, xbt=None):
     return spaces
 
 
-def test_eval_set_loader_reads_jsonl_and_csv_and_refuses_bad_sets(tmp_path, eval_folder):
+def test_eval_set_through_the_pair_loader_and_bad_sets(tmp_path, eval_folder):
     loaded = load_eval_set(eval_folder)
-    assert len(loaded.files) == 30 and loaded.ids.tolist() == list(range(30))
+    assert len(loaded.ids) == 30 and loaded.ids.tolist() == list(range(30))  # file names: positions
     assert len(loaded.texts) == sum(1 + n % 3 for n in range(30)) == len(loaded.caption_ids)
     csv_folder = tmp_path / "csv"
     csv_folder.mkdir()
     rows = ["file_name,caption"]
-    for path, captions in zip(loaded.files, loaded.captions):
-        (csv_folder / path.name).write_bytes(path.read_bytes())
-        rows += [f"{path.name},{caption}" for caption in captions]
+    for position, captions in enumerate(loaded.captions):
+        name = f"{position:05d}.png"
+        (csv_folder / name).write_bytes((eval_folder / name).read_bytes())
+        rows += [f"{name},{caption}" for caption in captions]
     (csv_folder / "metadata.csv").write_text("\n".join(rows) + "\n")
     from_csv = load_eval_set(csv_folder)
     assert from_csv.captions == loaded.captions and from_csv.fingerprint == loaded.fingerprint
+    ided = load_eval_set(write_image_folder(tmp_path / "ided", 5, first_id=40), id_column="id")
+    assert ided.ids.tolist() == [40, 47, 54, 61, 68]
 
     def broken(lines, name):
         folder = tmp_path / name
@@ -112,11 +119,12 @@ def test_eval_set_loader_reads_jsonl_and_csv_and_refuses_bad_sets(tmp_path, eval
         (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
         return folder
 
-    for lines, message in (([], "empty"), ([{"file_name": "b.png", "captions": ["x"]}], "missing"),
-                           ([{"file_name": "a.png", "captions": [" "]}], "non-empty caption"),
-                           ([{"file_name": "a.png", "caption": "x", "id": 1}, {"file_name": "a.png", "caption": "y", "id": 1}], "twice")):
+    for lines, message in (([{"file_name": "b.png", "captions": ["x"]}], "do not exist"),
+                           ([{"file_name": "a.png", "captions": [" "]}], "no image with a non-empty caption")):
         with pytest.raises(InputError, match=message):
             load_eval_set(broken(lines, message.replace(" ", "_")))
+    with pytest.raises(InputError, match="must hold integers"):
+        load_eval_set(broken([{"file_name": "a.png", "caption": "x", "id": "a1"}], "text_ids"), id_column="id")
     with pytest.raises(InputError, match="metadata.jsonl"):
         load_eval_set(tmp_path)
 
@@ -135,10 +143,10 @@ def test_matrix_agrees_with_direct_computation_and_cache_is_reused(models, eval_
 
     # Independent recomputation of a few cells straight from the encoders.
     owners = eval_set.caption_ids
-    old_images = Labeled(models["old"].encode_image(eval_set.files).numpy(), eval_set.ids)
+    old_images = Labeled(models["old"].encode_image(_images(eval_set)).numpy(), eval_set.ids)
     xbt_texts = Labeled(xbt.encode_text(eval_set.texts).numpy(), owners)
     old_texts = Labeled(models["old"].encode_text(eval_set.texts).numpy(), owners)
-    new_images = Labeled(models["new"].encode_image(eval_set.files).numpy(), eval_set.ids)
+    new_images = Labeled(models["new"].encode_image(_images(eval_set)).numpy(), eval_set.ids)
     expected = {("text→image", "xbt→old"): recall_at_k(xbt_texts, old_images, KS),
                 ("image→text", "old→old"): recall_at_k(old_images, old_texts, KS),
                 ("image→text", "new→new"): recall_at_k(new_images, Labeled(models["new"].encode_text(eval_set.texts).numpy(), owners), KS)}
@@ -166,8 +174,8 @@ def test_matrix_agrees_with_direct_computation_and_cache_is_reused(models, eval_
 
 def test_stored_gallery_with_distractors_and_ids(models, tmp_path):
     folder = write_image_folder(tmp_path / "ided", 20, seed=1, first_id=1000)
-    eval_set = load_eval_set(folder)
-    old_images = models["old"].encode_image(eval_set.files).numpy()
+    eval_set = load_eval_set(folder, id_column="id")
+    old_images = models["old"].encode_image(_images(eval_set)).numpy()
     config = EvalConfig(ks=KS, fractions=(0.0, 1.0))
     plain = evaluate(eval_set, _spaces(models), config=config)
 
@@ -304,7 +312,7 @@ def test_cli_on_a_tiny_real_adapter(models, eval_folder, tmp_path):
     eval_set = load_eval_set(eval_folder)
     reloaded = XBTModel.from_pretrained(tmp_path / "adapter")
     reloaded.use_old_encoder(models["old"])
-    old_images = Labeled(models["old"].encode_image(eval_set.files).numpy(), eval_set.ids)
+    old_images = Labeled(models["old"].encode_image(_images(eval_set)).numpy(), eval_set.ids)
     for name, alpha in (("xbt→old", 0.0), ("xbt+old→old", 0.3)):
         queries = Labeled(reloaded.encode_text(eval_set.texts, blend_old=alpha).numpy(), eval_set.caption_ids)
         assert cells[("text→image", name)]["recall"] == {str(k): v for k, v in recall_at_k(queries, old_images, KS).items()}

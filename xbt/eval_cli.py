@@ -107,7 +107,11 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--projection", action="append", default=[], metavar="NAME=DIR",
                         help="a baseline projection folder (Procrustes, least squares, stage-1 ψ); repeatable")
     models.add_argument("--blend-alpha", type=float, default=0.5, help="weight of the old text encoder in xbt+old")
-    models.add_argument("--eval-set", help="image folder with metadata.jsonl or metadata.csv")
+    models.add_argument("--eval-set", help="image-text pairs: image folder with metadata.jsonl/.csv, parquet, "
+                                           "save_to_disk folder or Hub dataset (the training loaders' sources)")
+    models.add_argument("--id-column", help="integer image ids of the evaluation set (to line up with a stored "
+                                            "gallery's ids); default: positions")
+    models.add_argument("--split", default="test", help="split of a Hub or save_to_disk evaluation set")
     stored = p.add_argument_group("stored embeddings (.npy, .safetensors, faiss index)")
     stored.add_argument("--gallery", action="append", default=[], metavar="SPACE=FILE",
                         help="an existing gallery of that space (e.g. old=prod.faiss); repeatable")
@@ -144,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser().parse_args(argv)
     _check_options(options)
     # Everything cheap to check is read and checked before any model is loaded or anything encoded.
-    eval_set = load_eval_set(options.eval_set) if options.eval_set else None
+    eval_set = load_eval_set(options.eval_set, options.id_column, options.split) if options.eval_set else None
     galleries = {name: load_embeddings(path, options.gallery_ids)
                  for name, path in _named(options.gallery, "--gallery").items()}
     queries = {name: load_embeddings(path, options.query_ids)

@@ -30,12 +30,12 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from .data.pairs import FolderImages, PairDataConfig, PairSource, open_pairs
 from .errors import InputError
 from .report import cells_to_json
 from .retrieval import (
     DEFAULT_KS,
     DIRECTIONS,
-    CellResult,
     Labeled,
     SearchConfig,
     backfill_curve,
@@ -62,16 +62,22 @@ class SpaceEncoder(Protocol):
 
 
 # ---------------------------------------------------------------------------------
-# Evaluation set (image folder + metadata). The stage-2 pair loader (xbt/data) will replace this reader.
+# Evaluation set: any map-style image-text source of xbt.data.pairs (folder, parquet, save_to_disk, Hub)
 # ---------------------------------------------------------------------------------
 @dataclass
 class EvalSet:
-    """Images with one or more captions each; ``ids`` label images (default: their row)."""
+    """Images with one or more captions each, read through the training pair loader.
 
-    root: Path
-    files: list[Path]
-    captions: list[list[str]]
+    ``ids`` are the integer labels of the images: the source's ids when they are all integers (e.g.
+    ``--id-column`` naming the ids of the stored old gallery), else the images' positions.
+    """
+
+    source: PairSource
     ids: np.ndarray
+
+    @property
+    def captions(self) -> list[list[str]]:
+        return self.source.captions
 
     @property
     def texts(self) -> list[str]:
@@ -82,74 +88,48 @@ class EvalSet:
         """The id of the image each caption (in :attr:`texts` order) describes."""
         return np.repeat(self.ids, [len(captions) for captions in self.captions])
 
+    def load_images(self, positions: Sequence[int]) -> list:
+        return [self.source.images.load(int(position)) for position in positions]
+
     @cached_property
     def fingerprint(self) -> str:
-        """Hash of ids, captions and image bytes: cached embeddings are reused only for this exact set."""
-        digest = hashlib.sha256()
-        for image_id, path, captions in zip(self.ids.tolist(), self.files, self.captions):
-            digest.update(json.dumps([image_id, path.name, captions]).encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        """Hash of ids, captions and image content: cached embeddings are reused only for this exact set."""
+        digest = hashlib.sha256(json.dumps([self.ids.tolist(), self.captions]).encode())
+        images = self.source.images
+        if isinstance(images, FolderImages):
+            for name in images.file_names:
+                digest.update(hashlib.sha256((images.root / name).read_bytes()).digest())
+        else:  # a datasets table: its own content fingerprint
+            digest.update(str(getattr(images.table, "_fingerprint", self.source.description)).encode())
         return digest.hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.root), "images": len(self.files), "captions": len(self.texts),
-                "fingerprint": self.fingerprint}
+        return {"source": self.source.description, "images": len(self.ids), "captions": len(self.texts),
+                "skipped_without_caption": len(self.source.skipped), "fingerprint": self.fingerprint}
 
 
-def _metadata_rows(folder: Path) -> list[dict]:
-    jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
-    if jsonl.is_file():
-        rows = []
-        for number, line in enumerate(jsonl.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{jsonl}:{number} is not valid JSON ({error}).") from error
-        return rows
-    if csv_path.is_file():
-        import csv
-
-        with csv_path.open(newline="") as handle:  # one row per caption; rows of one file_name are grouped
-            grouped: dict[str, dict] = {}
-            for row in csv.DictReader(handle):
-                entry = grouped.setdefault(row.get("file_name") or "", {"file_name": row.get("file_name"),
-                                                                        "captions": [], "id": row.get("id")})
-                entry["captions"].append(row.get("caption"))
-        return [{k: v for k, v in entry.items() if v is not None} for entry in grouped.values()]
-    raise InputError(f"Evaluation set {str(folder)!r} has no metadata.jsonl or metadata.csv; write one line "
-                     f'per image: {{"file_name": "00001.png", "captions": ["...", "..."]}}.')
-
-
-def load_eval_set(folder: str | Path) -> EvalSet:
-    """Read an image folder with ``metadata.jsonl`` (``file_name``, ``captions`` or ``caption``, optional
-    integer ``id``) or ``metadata.csv`` (columns ``file_name``, ``caption``, optional ``id``; one row per
-    caption). Every problem is reported before anything is encoded."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise InputError(f"Evaluation set folder {str(root)!r} does not exist.")
-    files, captions, ids = [], [], []
-    for number, row in enumerate(_metadata_rows(root), 1):
-        name = row.get("file_name")
-        texts = row.get("captions", row.get("caption"))
-        texts = [texts] if isinstance(texts, str) else texts
-        where = f"{root.name} metadata entry {number} ({name!r})"
-        if not name or not (root / name).is_file():
-            raise InputError(f"{where}: image file missing; every entry needs an existing file_name.")
-        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise InputError(f"{where}: needs at least one non-empty caption, got {texts!r}.")
-        try:
-            ids.append(int(row.get("id", number - 1)))
-        except (TypeError, ValueError) as error:
-            raise InputError(f"{where}: id {row.get('id')!r} is not an integer.") from error
-        files.append(root / name)
-        captions.append(list(texts))
-    if not files:
-        raise InputError(f"Evaluation set {str(root)!r} is empty; it needs at least one captioned image.")
-    ids_array = np.asarray(ids, dtype=np.int64)
-    if len(np.unique(ids_array)) != len(ids_array) or len({f.name for f in files}) != len(files):
-        raise InputError(f"Evaluation set {str(root)!r} lists an image id or file twice; ids and files must be unique.")
-    return EvalSet(root, files, captions, ids_array)
+def load_eval_set(source: str | Path, id_column: str | None = None, split: str = "test",
+                  data_format: str = "auto") -> EvalSet:
+    """Open an evaluation set with :func:`xbt.data.pairs.open_pairs` and check it before anything is encoded
+    (for image folders: that every listed file exists)."""
+    pairs = open_pairs(PairDataConfig(source=str(source), format=data_format, split=split, id_column=id_column,
+                                      shuffle=False))
+    if pairs.streamed:
+        raise InputError(f"{pairs.description}: evaluation needs every image by position; tar shards are streamed. "
+                         f"Use an image folder, parquet or save_to_disk copy of the set.")
+    if isinstance(pairs.images, FolderImages):
+        missing = [name for name in pairs.images.file_names if not (pairs.images.root / name).is_file()]
+        if missing:
+            raise InputError(f"{pairs.description}: {len(missing)} image files listed in the metadata do not exist "
+                             f"(e.g. {missing[:3]}); fix the metadata or restore the files.")
+    try:
+        ids = np.array([int(value) for value in pairs.ids], dtype=np.int64)
+    except ValueError:
+        if id_column is not None:
+            raise InputError(f"{pairs.description}: the id column {id_column!r} must hold integers (the ids of the "
+                             f"stored gallery), e.g. {pairs.ids[:3]}.") from None
+        ids = np.arange(len(pairs.ids), dtype=np.int64)  # file names: positions label the images
+    return EvalSet(pairs, ids)
 
 
 # ---------------------------------------------------------------------------------
@@ -200,8 +180,11 @@ def encode_space(space: Space, eval_set: EvalSet, modality: str, cache_dir: Path
             if (handle.metadata() or {}).get("key") == key:
                 logger.info("Using cached %s %s embeddings from %s", space.name, modality, path)
                 return load_file(str(path))["embeddings"]
-    items = eval_set.texts if modality == "text" else [str(f) for f in eval_set.files]
-    function = space.encoder.encode_text if modality == "text" else space.encoder.encode_image
+    if modality == "text":
+        items, function = eval_set.texts, space.encoder.encode_text
+    else:  # positions: images are decoded one chunk at a time
+        items = list(range(len(eval_set.ids)))
+        function = lambda positions: space.encoder.encode_image(eval_set.load_images(positions))  # noqa: E731
     vectors = _encode(function, items, f"encode {space.name} {modality}")
     if vectors.shape[0] != len(items):
         raise InputError(f"The {space.name} encoder returned {vectors.shape[0]} vectors for {len(items)} {modality}s.")
