@@ -216,7 +216,10 @@ def _build_index(shard: np.ndarray, config: SearchConfig) -> faiss.Index:
                          f"on a shard of {shard.shape[0]} × {shard.shape[1]} vectors: {message}. Check the "
                          f"index-factory string, use fewer lists for small galleries, or larger shards.") from error
     if uses_gpu(config):
-        index = faiss.index_cpu_to_all_gpus(index)
+        try:
+            index = faiss.index_cpu_to_all_gpus(index)
+        except RuntimeError:  # e.g. HNSW has no GPU implementation
+            logger.warning("faiss GPU cannot hold a %r index; searching it on the CPU", config.index_factory)
     return index
 
 
