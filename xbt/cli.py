@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("xbt.commands:info", "load a model reference and print its dims, fingerprint and LoRA targets"),
     "demo": ("xbt.demo.run:main", "run the embedded default end to end on generated data and tiny models"),
     "eval": ("xbt.eval_cli:main", "cross-model retrieval matrix, backfill curve and report (faiss)"),
+    "train": ("xbt.train.pair_stage:run", "stage 2: train LoRA adapters + ψ on image-text pairs (accelerate-ready)"),
 }
 
 

@@ -331,7 +331,7 @@ class XBTModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        adapter_weights = get_peft_model_state_dict(self.backbone.model)
+        adapter_weights = get_peft_model_state_dict(self.backbone.model, save_embedding_layers=False)
         save_file({_PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in adapter_weights.items()},
                   str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
         self.backbone.model.peft_config["default"].save_pretrained(str(directory))
