@@ -169,7 +169,10 @@ class PairObjective(nn.Module):
             raise InputError(f"The checkpoint does not fit this run's trainable weights (missing: "
                              f"{sorted(missing)[:3]}, unexpected: {sorted(set(state_dict) - self.trainable_names())[:3]})"
                              f". Resume with the same LoRA and ψ options.")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        # The frozen backbone is deliberately absent from checkpoints: not "missing".
+        result.missing_keys[:] = [k for k in result.missing_keys if k in self.trainable_names()]
+        return result
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
