@@ -17,6 +17,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("xbt.commands:info", "load a model reference and print its dims, fingerprint and LoRA targets"),
     "demo": ("xbt.demo.run:main", "run the embedded default end to end on generated data and tiny models"),
+    "pretrain-text": ("xbt.train.text_stage:run", "stage 1: train the projection ψ (new → old text space) from cached caption embeddings"),
 }
 
 
