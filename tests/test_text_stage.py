@@ -68,6 +68,15 @@ def test_other_projection_kinds_and_losses_train(tmp_path, cache, kind):
     assert Projection.from_pretrained(tmp_path / kind).extra_dims == extra and summary["baselines"] == {}
 
 
+def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path, cache):
+    train, validation = split_indices(cache.count, 100, seed=0)
+    config = TextStageConfig(output_dir=str(tmp_path), epochs=5, max_steps=3, batch_size=100, baselines="", cpu=True)
+    summary = train_text_stage(cache, train, validation, config)
+    assert summary["steps"] == 3 and len(summary["history"]) == 1  # only the untrained entry: no epoch ended
+    assert summary["validation"]["loss"] != summary["untrained"]["loss"]
+    assert latest_checkpoint(tmp_path).name == "step-00000003"
+
+
 def test_bad_configurations_are_clear_errors(tmp_path, cache):
     with pytest.raises(InputError, match="loss must be one of"):
         TextStageConfig(loss="hinge")

@@ -62,6 +62,7 @@ class TextStageConfig:
     temperature: float = field(default=0.07, metadata={"help": "initial InfoNCE temperature"})
     learnable_temperature: bool = field(default=True, metadata={"help": "learn the InfoNCE temperature"})
     epochs: int = field(default=10, metadata={"help": "passes over the training captions"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
     batch_size: int = field(default=256, metadata={"help": "global batch size (split across processes)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -209,6 +210,7 @@ def train_text_stage(
         raise InputError(f"batch_size {batch_size} must divide evenly over {accelerator.num_processes} processes.")
     steps_per_epoch = len(train_indices) // batch_size
     total_steps = steps_per_epoch * config.epochs
+    total_steps = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
     checkpoint_every = config.checkpoint_every or steps_per_epoch
 
     set_seed(config.seed)
