@@ -38,7 +38,7 @@ def write_corpus(folder, fmt: str, column: str = "caption"):
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "parquet"])
 def test_every_format_is_cleaned_and_split(tmp_path, fmt):
     path = write_corpus(tmp_path, fmt)
-    corpus = load_captions(CaptionConfig(captions=str(path), column="caption", validation_size=2, seed=3))
+    corpus = load_captions(CaptionConfig(captions=str(path), column="caption", validation_size=2, split_seed=3))
     assert corpus.texts == KEPT
     # csv turns the empty cells into missing values; both count as empty captions
     assert corpus.dropped_empty == 2 and corpus.dropped_duplicates == 2

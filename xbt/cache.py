@@ -11,6 +11,7 @@ of them use this module the same way:
     cache.count, cache.names, cache.dims          # N, ("new", "old"), {"new": 96, "old": 32}
     cache["old"][[3, 1, 2]]                       # np.ndarray rows, read from a memory map
     cache.tensor("new", indices)                  # float32 torch tensor of those rows
+    cache.subset("old", train_indices)            # lazy view of some rows (len, shape, [slice|array])
     cache.fingerprints                            # {"old": "<model fp>:text", ...}
 
     EmbeddingCache.open(path, sources=..., items_fingerprint=...)   # refuses a mismatch
@@ -203,6 +204,20 @@ class ShardedArray:
         return self[:]
 
 
+class RowSubset:
+    """A lazy view of some rows (e.g. the training split) of a :class:`ShardedArray`, indexed the same way."""
+
+    def __init__(self, array: ShardedArray, rows: np.ndarray):
+        self.array, self.rows = array, np.asarray(rows, dtype=np.int64)
+        self.shape, self.dtype = (len(self.rows), array.shape[1]), array.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.array[self.rows[index]]
+
+
 class EmbeddingCache:
     """A complete cache directory: manifest + memory-mapped shards."""
 
@@ -284,6 +299,10 @@ class EmbeddingCache:
         if name not in self.manifest["sources"]:
             raise KeyError(f"No embeddings named {name!r} in cache {self.path}; it has {list(self.names)}.")
         return self._arrays[name]
+
+    def subset(self, name: str, rows) -> RowSubset:
+        """Lazy view of rows ``rows`` of source ``name`` (nothing is read until indexed)."""
+        return RowSubset(self[name], rows)
 
     def tensor(self, name: str, indices=slice(None)) -> torch.Tensor:
         """float32 tensor of rows ``indices`` of source ``name``."""

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("xbt.demo.run:main", "run the embedded default end to end on generated data and tiny models"),
     "eval": ("xbt.eval_cli:main", "cross-model retrieval matrix, backfill curve and report (faiss)"),
     "train": ("xbt.train.pair_stage:run", "stage 2: train LoRA adapters + ψ on image-text pairs (accelerate-ready)"),
+    "pretrain-text": ("xbt.train.text_stage:run", "stage 1: train the projection ψ (new → old text space) from cached caption embeddings"),
 }
 
 

@@ -53,7 +53,7 @@ class CaptionConfig:
     validation_size: float = field(default=0.05, metadata={
         "help": "held-out validation captions: a fraction (< 1) or a count (>= 1)"})
     max_captions: int | None = field(default=None, metadata={"help": "keep only the first N usable captions"})
-    seed: int = field(default=0, metadata={"help": "seed of the validation split"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the validation split"})
 
 
 @dataclass
@@ -174,7 +174,7 @@ def load_captions(config: CaptionConfig) -> CaptionCorpus:
     if not texts:
         raise InputError(f"The caption corpus {config.captions!r} holds no usable captions "
                          f"({len(raw)} rows, {empty} empty); check the file and the column {config.column!r}.")
-    train, validation = split_indices(len(texts), config.validation_size, config.seed)
+    train, validation = split_indices(len(texts), config.validation_size, config.split_seed)
     corpus = CaptionCorpus(texts, train, validation, config.captions, empty, duplicates)
     logger.info("Captions from %s: %d kept (%d train, %d validation), %d empty and %d duplicates dropped",
                 config.captions, len(texts), len(train), len(validation), empty, duplicates)

@@ -44,12 +44,12 @@ from tqdm.auto import tqdm
 
 from ..backbones import load_backbone
 from ..cache import CacheConfig
+from ..config import parse_configs
 from ..data.pairs import PairDataConfig, iter_captions, make_pair_loader, open_pairs, set_loader_epoch
 from ..errors import InputError, XBTError
 from ..losses import Temperature, WeightedLoss, cosine_loss, info_nce
 from ..model import AdapterConfig, XBTModel
 from ..projection import Projection
-from .arguments import parse_configs
 from .targets import OldSpaceTargets, build_targets, old_text_source
 
 logger = logging.getLogger(__name__)
@@ -426,8 +426,8 @@ CONFIG_TYPES = (PairStageConfig, PairDataConfig, AdapterConfig, CacheConfig)
 
 
 def run(argv: list[str] | None = None) -> int:
-    """``xbt train``: parse flags or one YAML/JSON config file, train, print the adapter folder."""
-    config, data, adapter, cache = parse_configs(CONFIG_TYPES, argv, prog="xbt train",
+    """``xbt train``: parse flags and/or ``--config FILE`` (YAML/JSON), train, print the adapter folder."""
+    config, data, adapter, cache = parse_configs(CONFIG_TYPES, argv or [], prog="xbt train",
                                                  description="Stage 2: train LoRA adapters + ψ on image-text pairs.")
     folder = train(config, data, adapter, cache)
     from accelerate import PartialState
