@@ -264,8 +264,8 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
     objective, optimizer = accelerator.prepare(objective, optimizer)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scheduler, progress)
-    if config.resume:
-        checkpoint = find_checkpoint(output, config.resume)
+    checkpoint = find_checkpoint(output, config.resume) if config.resume else None
+    if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         logger.info("Resumed from %s at step %d", checkpoint, progress.step)
     if config.report_to != "none":
@@ -386,16 +386,17 @@ def latest_checkpoint(output: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def find_checkpoint(output: Path, resume: str) -> Path:
-    """``"latest"`` -> the newest complete checkpoint of the run; otherwise a checkpoint folder."""
+def find_checkpoint(output: Path, resume: str) -> Path | None:
+    """``"latest"`` -> the newest complete checkpoint of the run (``None``: start afresh); else a checkpoint folder."""
     if resume == "latest":
         found = latest_checkpoint(output)
         if found is None:
-            raise InputError(f"--resume latest: {output / CHECKPOINT_DIR} holds no complete checkpoint.")
+            logger.info("No checkpoint in %s yet: starting from scratch", output / CHECKPOINT_DIR)
         return found
     path = Path(resume)
     if not (path / "complete").is_file():
-        raise InputError(f"--resume {resume}: not a complete stage-2 checkpoint folder.")
+        raise InputError(f"--resume {resume}: not a complete stage-2 checkpoint folder; pass 'latest' or a folder "
+                         f"under {output / CHECKPOINT_DIR}.")
     return path
 
 
