@@ -114,6 +114,22 @@ def test_save_and_from_pretrained_give_identical_embeddings(backend, tiny_refs, 
     assert peft_state.keys() == ours.keys() and all(torch.equal(peft_state[k], ours[k]) for k in ours)
 
 
+def test_peft_multihead_attention_behaviour_is_recorded_and_checked(backend, tiny_refs, old_refs, tmp_path):
+    from xbt.model import mha_out_proj_factor
+
+    model = make_model(tiny_refs[backend], old_refs[other(backend)], AdapterConfig(lora_layers=["attention"]))
+    folder = model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((folder / "xbt_config.json").read_text())
+    recorded = config["lora"]["peft_mha_out_proj_factor"]
+    # open_clip attention is nn.MultiheadAttention (peft adapts the module); transformers uses Linear layers.
+    assert recorded == (mha_out_proj_factor() if backend == "open_clip" else None)
+    if backend == "open_clip":
+        config["lora"]["peft_mha_out_proj_factor"] = 3 - recorded  # as if trained under the other peft behaviour
+        (folder / "xbt_config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelLoadError, match="MultiheadAttention LoRA applies the out_proj update"):
+            XBTModel.from_pretrained(folder)
+
+
 def test_wrong_backbone_is_refused(backend, tiny_refs, old_refs, tmp_path):
     model = make_model(tiny_refs[backend], old_refs[other(backend)])
     folder = model.save_pretrained(tmp_path / "adapter")

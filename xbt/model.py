@@ -24,6 +24,7 @@ Only safetensors are read or written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -193,7 +194,9 @@ class XBTModel(nn.Module):
 
         Each LoRA layer is merged and replaced by its base module, so the merged model runs
         exactly the base architecture. MultiheadAttention layers (open_clip) are unloaded
-        through peft's own MHA routine, which reproduces the adapted forward pass (tested).
+        through peft's own MHA routine: peft 0.21 adds the out_proj update twice both in its
+        MHA forward pass and in that merge, so the merge reproduces the adapted forward
+        pass exactly (tested; see :func:`mha_out_proj_factor`).
         """
         if self.merged:
             return self
@@ -211,6 +214,10 @@ class XBTModel(nn.Module):
             del model.peft_config
         self.merged = True
         return self
+
+    def _has_mha_lora(self) -> bool:
+        return any(isinstance(module.get_base_layer(), nn.MultiheadAttention)
+                   for _, module in _tuner_layers(self.backbone.model))
 
     # -- encoding -------------------------------------------------------------------
     def forward(
@@ -319,7 +326,9 @@ class XBTModel(nn.Module):
             "lora": {**asdict(self.adapter),
                      "target_modules": self.backbone.lora_target_modules(self.adapter.lora_towers,
                                                                          self.adapter.lora_layers),
-                     "trainable_parameters": sum(p.numel() for p in self.lora_parameters())},
+                     "trainable_parameters": sum(p.numel() for p in self.lora_parameters()),
+                     "peft_version": _peft_version(),
+                     "peft_mha_out_proj_factor": mha_out_proj_factor() if self._has_mha_lora() else None},
             "training": self.training_summary,
         }
 
@@ -374,6 +383,7 @@ class XBTModel(nn.Module):
                                 old_fingerprint=old["fingerprint"])
         _load_weights(projection, load_file(str(folder / PROJECTION_FILE)), folder / PROJECTION_FILE)
         lora = config["lora"]
+        _check_mha_behaviour(lora.get("peft_mha_out_proj_factor"), folder)
         adapter = AdapterConfig(**{k: lora[k] for k in AdapterConfig.__dataclass_fields__})
         model = cls(backbone, projection, adapter, old_reference=old["reference"],
                     old_fingerprint=old["fingerprint"], training=config.get("training"))
@@ -390,6 +400,55 @@ class XBTModel(nn.Module):
             raise ModelLoadError(f"{path} does not match the LoRA layout recorded in {CONFIG_FILE} "
                                  f"({len(weights)} tensors for {len(expected)} LoRA weights, unexpected: "
                                  f"{list(result.unexpected_keys)[:3]}). The adapter directory is inconsistent.")
+
+
+@functools.cache
+def mha_out_proj_factor() -> int:
+    """How many times the installed peft applies a MultiheadAttention LoRA's out_proj update (1 or 2).
+
+    peft 0.21 applies it twice (an open peft report); an adapter trained under one behaviour
+    computes something else under the other, so the factor is recorded with every adapter
+    that has such layers and checked when it is loaded.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    generator = torch.Generator().manual_seed(0)
+    holder = nn.Module()
+    holder.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+    plain = nn.MultiheadAttention(4, 1, batch_first=True)
+    plain.load_state_dict(holder.attn.state_dict())
+    inject_adapter_in_model(LoraConfig(r=1, lora_alpha=1, target_modules=["attn"]), holder)
+    layer = holder.attn
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        x = torch.randn(1, 3, 4, generator=generator)
+        adapted = layer(x, x, x, need_weights=False)[0]
+        plain.in_proj_weight += layer.get_delta_weight("default")
+        out_delta = layer.get_base_layer().out_proj.get_delta_weight("default")
+        errors = {}
+        for factor in (1, 2):
+            reference = nn.MultiheadAttention(4, 1, batch_first=True)
+            reference.load_state_dict(plain.state_dict())
+            reference.out_proj.weight += factor * out_delta
+            errors[factor] = float((reference(x, x, x, need_weights=False)[0] - adapted).abs().max())
+    return min(errors, key=errors.get)
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
+def _check_mha_behaviour(recorded: int | None, folder: Path) -> None:
+    if recorded is not None and recorded != mha_out_proj_factor():
+        raise ModelLoadError(
+            f"The adapter in {folder} was trained with a peft whose MultiheadAttention LoRA applies the out_proj "
+            f"update {recorded}x; the installed peft {_peft_version()} applies it {mha_out_proj_factor()}x, so "
+            f"its embeddings would differ. Install the peft version recorded in xbt_config.json."
+        )
 
 
 def _hidden_dim(projection: Projection) -> int | None:
