@@ -221,3 +221,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_p
     one, two = trainable_weights(tmp_path / "one" / "adapter"), trainable_weights(tmp_path / "two" / "adapter")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
     assert any(not torch.equal(one[k], torch.zeros_like(one[k])) for k in one if "lora_B" in k)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(setup, tmp_path):
+    plain = train(*configs(setup, tmp_path / "plain", max_steps=2, save_steps=2))
+    recomputed = train(*configs(setup, tmp_path / "recomputed", max_steps=2, save_steps=2,
+                                gradient_checkpointing=True))
+    expected, got = trainable_weights(plain), trainable_weights(recomputed)
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)

@@ -476,7 +476,8 @@ def _resolve_folder(directory_or_repo_id: str | Path, revision: str | None) -> P
     except Exception as error:
         raise ModelLoadError(f"Could not fetch the adapter repo {directory_or_repo_id!r}"
                              f"{f' at revision {revision}' if revision else ''} from the Hub "
-                             f"({type(error).__name__}: {error}). Check the repo id, or pass a local folder.") from error
+                             f"({type(error).__name__}: {error}). Check the repo id, or pass a local folder."
+                             ) from error
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -164,11 +164,11 @@ class PairObjective(nn.Module):
         return {k: v for k, v in super().state_dict(*args, **kwargs).items() if k.removeprefix(prefix) in names}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        missing = self.trainable_names() - set(state_dict)
-        if strict and (missing or set(state_dict) - self.trainable_names()):
+        missing, unexpected = self.trainable_names() - set(state_dict), set(state_dict) - self.trainable_names()
+        if strict and (missing or unexpected):
             raise InputError(f"The checkpoint does not fit this run's trainable weights (missing: "
-                             f"{sorted(missing)[:3]}, unexpected: {sorted(set(state_dict) - self.trainable_names())[:3]})"
-                             f". Resume with the same LoRA and ψ options.")
+                             f"{sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]}). Resume with the same "
+                             f"LoRA and ψ options.")
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         # The frozen backbone is deliberately absent from checkpoints: not "missing".
         result.missing_keys[:] = [k for k in result.missing_keys if k in self.trainable_names()]
@@ -292,8 +292,8 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
                                         batch["caption_indices"].to(accelerator.device))
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
-                        f"Stage 2 loss became {float(loss.detach())} at step {progress.step + 1} (terms {terms}). The last "
-                        f"good checkpoint is {latest_checkpoint(output) or 'none'}; lower the learning rate and "
+                        f"Stage 2 loss became {float(loss.detach())} at step {progress.step + 1} (terms {terms}). "
+                        f"The last good checkpoint is {latest_checkpoint(output) or 'none'}; lower the learning rate and "
                         f"resume from it with --resume latest.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -364,7 +364,9 @@ def _positions(batch: dict[str, Any], position_of: dict[str, int]) -> torch.Tens
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass (transformers or open_clip)."""
-    if hasattr(model, "gradient_checkpointing_enable"):
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
