@@ -229,3 +229,21 @@ def test_gradient_checkpointing_gives_the_same_weights(setup, tmp_path):
                                 gradient_checkpointing=True))
     expected, got = trainable_weights(plain), trainable_weights(recomputed)
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+
+def test_cli_reads_a_config_file_and_flags_override_it(setup, tmp_path, capsys):
+    import yaml
+
+    from xbt.cli import main as cli
+
+    options = {"new_model": setup.new_ref, "old_model": setup.old_ref, "projection": str(setup.projection),
+               "output_dir": str(tmp_path / "run"), "source": str(setup.data), "max_bad_fraction": 0.1,
+               "cache_dir": str(setup.cache), "max_steps": 50, "batch_size": 8, "lora_rank": 2}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(options))
+    assert cli(["train", "--config", str(tmp_path / "train.yaml"), "--max_steps", "1"]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1])  # the adapter folder is printed last
+    config = json.loads((folder / "xbt_config.json").read_text())
+    assert config["training"]["steps"] == 1 and config["lora"]["lora_rank"] == 2
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**options, "lora_rnak": 4}))
+    assert cli(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown options ['lora_rnak']" in capsys.readouterr().err

@@ -12,6 +12,7 @@ Unknown keys in a config file, like unknown flags, are errors.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -45,7 +46,10 @@ def parse_configs(types: Sequence[type], argv: Sequence[str], prog: str, descrip
     parser = HfArgumentParser(list(types), prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML or JSON file of option values (flags override it)")
     known = {field.name for kind in types for field in dataclasses.fields(kind)}
-    options, _ = parser.parse_known_args(list(argv))
+    # --config alone first: the file may provide options that are otherwise required.
+    only_config = argparse.ArgumentParser(add_help=False)
+    only_config.add_argument("--config", default=None)
+    options, _ = only_config.parse_known_args(list(argv))
     if options.config:
         values = read_config_file(options.config)
         unknown = sorted(set(values) - known)
