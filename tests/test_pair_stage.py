@@ -247,3 +247,21 @@ def test_cli_reads_a_config_file_and_flags_override_it(setup, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**options, "lora_rnak": 4}))
     assert cli(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown options ['lora_rnak']" in capsys.readouterr().err
+
+
+def test_sampled_bank_keeps_every_positive_and_is_the_same_on_every_process():
+    from xbt.losses import Temperature
+    from xbt.train.pair_stage import PairObjective
+    from xbt.train.targets import OldSpaceTargets
+
+    bank = torch.nn.functional.normalize(torch.randn(500, 8), dim=-1)
+    targets = OldSpaceTargets(captions=bank, offsets=torch.arange(501), caption_means=bank, images=bank)
+    objective = PairObjective(torch.nn.Linear(1, 1), {"new_new": 1.0}, Temperature(), targets, bank_negatives=64)
+    positions = torch.tensor([3, 499, 3, 120])
+    rows, positives = objective.bank_rows(positions, step=7)
+    assert torch.equal(bank[rows][positives], bank[positions])
+    assert 64 <= len(rows) <= 68 and torch.equal(rows, objective.bank_rows(positions, step=7)[0])
+    assert not torch.equal(rows, objective.bank_rows(positions, step=8)[0])  # a new sample every step
+    everything = PairObjective(torch.nn.Linear(1, 1), {"new_new": 1.0}, Temperature(), targets)
+    rows, positives = everything.bank_rows(positions, 0)
+    assert rows == slice(None) and positives is positions

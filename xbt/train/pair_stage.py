@@ -15,7 +15,11 @@ Loss terms (each weight configurable; ``None`` = the measured default):
 - ``text_to_old_image``: InfoNCE of ψ(new text) against ALL stored old image embeddings
   (the text→image compatibility cell itself);
 - ``image_to_old_text``: InfoNCE of ψ(new image) against the old caption embeddings of
-  ALL training images (per image, the normalised mean of its captions' embeddings).
+  ALL training images (per image, the normalised mean of its captions' embeddings, so
+  an image's other captions are never negatives).
+
+For large galleries ``bank_negatives`` draws that many stored rows per step (plus the
+batch's positives) instead of using all of them.
 
 Defaults: with stored old image embeddings, new_new + both cross terms (no anchor) was
 best; without them, new_new + anchor. With no old-space term at all the adapter drifts
@@ -79,6 +83,8 @@ class PairStageConfig:
     anchor_weight: float | None = field(default=None, metadata={"help": "default: 1 without a gallery, else 0"})
     text_to_old_image_weight: float | None = field(default=None, metadata={"help": "default: 1 with a gallery"})
     image_to_old_text_weight: float | None = field(default=None, metadata={"help": "default: 1 with a gallery"})
+    bank_negatives: int = field(default=0, metadata={
+        "help": "stored vectors drawn per step as negatives of the cross terms (0: all of them)"})
     temperature: float = 0.07
     learn_temperature: bool = True
     train_projection: bool = True
@@ -134,26 +140,43 @@ class PairObjective(nn.Module):
     """
 
     def __init__(self, model: XBTModel, weights: dict[str, float], temperature: Temperature,
-                 targets: OldSpaceTargets | None):
+                 targets: OldSpaceTargets | None, bank_negatives: int = 0, seed: int = 0):
         super().__init__()
         self.model, self.temperature, self.targets = model, temperature, targets
         self.loss = WeightedLoss(weights)
+        self.bank_negatives, self.seed = bank_negatives, seed
 
     def forward(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], positions: torch.Tensor,
-                caption_indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                caption_indices: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         image, text = self.model(pixels, tokens)
         image, text = gather_rows(image), gather_rows(text)
         positions, caption_indices = gather_rows(positions), gather_rows(caption_indices)
         scale = self.temperature()
         targets = self.targets
+        rows, bank_positives = self.bank_rows(positions, step)
         terms = {
             "new_new": lambda: info_nce(image, text, scale),
             "anchor": lambda: cosine_loss(text, targets.captions[targets.caption_rows(positions, caption_indices)]),
-            "text_to_old_image": lambda: info_nce(text, targets.images, scale, positives=positions, symmetric=False),
-            "image_to_old_text": lambda: info_nce(image, targets.caption_means, scale, positives=positions,
+            "text_to_old_image": lambda: info_nce(text, targets.images[rows], scale, positives=bank_positives,
                                                   symmetric=False),
+            "image_to_old_text": lambda: info_nce(image, targets.caption_means[rows], scale,
+                                                  positives=bank_positives, symmetric=False),
         }
         return self.loss(terms)
+
+    def bank_rows(self, positions: torch.Tensor, step: int) -> tuple[torch.Tensor | slice, torch.Tensor]:
+        """Rows of the stored banks used as keys this step, and where each positive sits among them.
+
+        All rows by default; with ``bank_negatives`` a sample of that many (seeded by the
+        step, so every process draws the same) plus the batch's positives.
+        """
+        count = 0 if self.targets is None else len(self.targets.caption_means)
+        if not self.bank_negatives or self.bank_negatives >= count:
+            return slice(None), positions
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        sample = torch.randint(0, count, (self.bank_negatives,), generator=generator).to(positions.device)
+        rows = torch.unique(torch.cat([positions, sample]))  # sorted
+        return rows, torch.searchsorted(rows, positions)
 
     def trainable_names(self) -> set[str]:
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
@@ -251,7 +274,8 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
         targets = build_targets(ids, captions, old_text, cache, config.old_image_embeddings, config.old_image_ids,
                                 process=accelerator).to(accelerator.device)
 
-    objective = PairObjective(model, weights, Temperature(config.temperature, config.learn_temperature), targets)
+    objective = PairObjective(model, weights, Temperature(config.temperature, config.learn_temperature), targets,
+                              config.bank_negatives, data.seed)
     objective.to(accelerator.device)
     groups = [{"params": model.lora_parameters(), "lr": config.learning_rate},
               {"params": list(objective.temperature.parameters()), "lr": config.learning_rate, "weight_decay": 0.0}]
@@ -289,7 +313,7 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
                                         {k: v.to(accelerator.device) for k, v in
                                          backbone.tokenize(batch["captions"]).items()},
                                         positions.to(accelerator.device),
-                                        batch["caption_indices"].to(accelerator.device))
+                                        batch["caption_indices"].to(accelerator.device), progress.step)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"Stage 2 loss became {float(loss.detach())} at step {progress.step + 1} (terms {terms}). "
