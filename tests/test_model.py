@@ -164,6 +164,7 @@ def test_query_blending(backend, tiny_refs, old_refs):
     assert model._old_encoder is None  # loaded lazily, only when blending is asked for
     old = load_backbone(old_ref).encode_text(TEXTS)
     assert torch.allclose(model.encode_text(TEXTS, blend_old=1.0), old, atol=1e-5)
+    assert model._old_encoder is not None and "_old_encoder" not in dict(model.named_children())
     half = model.encode_text(TEXTS, blend_old=0.5, blend_method="slerp")
     # The spherical midpoint is equally far from both ends.
     assert torch.allclose((half * adapted).sum(-1), (half * old).sum(-1), atol=1e-4)

@@ -306,7 +306,7 @@ class XBTModel(nn.Module):
         if encoder.embed_dim != self.projection.old_dim:
             raise InputError(f"The old model {encoder.reference} has dimension {encoder.embed_dim}, "
                              f"ψ outputs {self.projection.old_dim}.")
-        self._old_encoder = encoder
+        object.__setattr__(self, "_old_encoder", encoder)  # a helper, not a submodule: never saved or trained
 
     # -- saving and loading ------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
