@@ -294,6 +294,9 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
         logger.info("Resumed from %s at step %d", checkpoint, progress.step)
     if config.report_to != "none":
         accelerator.init_trackers("xbt-stage2", config={**_flat(config), **_flat(data), **_flat(adapter)})
+        if not accelerator.trackers:
+            logger.warning("report_to=%s: no such tracker is installed (pip install tensorboard / wandb); "
+                           "progress goes to the log only.", config.report_to)
 
     logger.info("Stage 2: %d images, %d process(es), global batch %d, %d steps, loss weights %s", len(source),
                 accelerator.num_processes,
