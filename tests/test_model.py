@@ -102,6 +102,8 @@ def test_save_and_from_pretrained_give_identical_embeddings(backend, tiny_refs, 
     assert config["lora"]["lora_rank"] == 4 and config["training"] == {"steps": 3}
 
     loaded = XBTModel.from_pretrained(folder)  # rebuilds the backbone from the recorded reference
+    assert loaded.fingerprint == model.fingerprint != make_model(tiny_refs[backend], old_refs[other(backend)],
+                                                                 perturb=False).fingerprint
     assert torch.equal(loaded.encode_text(TEXTS), model.encode_text(TEXTS))
     assert torch.equal(loaded.encode_image(images), model.encode_image(images))
     # The files are plain peft: PeftModel can read them onto the bare backbone too.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -164,6 +165,16 @@ class XBTModel(nn.Module):
         logger.info("LoRA r=%d on %s/%s: %d trainable backbone parameters", self.adapter.lora_rank,
                     "+".join(self.adapter.lora_towers), "+".join(self.adapter.lora_layers),
                     sum(p.numel() for p in self.lora_parameters()))
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this model's current weights: the backbone fingerprint, the LoRA and ψ tensors."""
+        digest = hashlib.sha256(self.backbone.fingerprint.encode())
+        named = [(f"lora.{k}", v) for k, v in self.backbone.model.state_dict().items() if "lora_" in k]
+        for name, tensor in sorted(named + [(f"psi.{k}", v) for k, v in self.projection.state_dict().items()]):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return f"xbt-{digest.hexdigest()[:16]}" + ("-merged" if self.merged else "")
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The adapter weights (the only backbone parameters that ever train)."""
