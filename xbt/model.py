@@ -361,6 +361,18 @@ class XBTModel(nn.Module):
         logger.info("Saved XBT adapter to %s", directory)
         return directory
 
+    def push_to_hub(self, repo_id: str, eval_dir: str | Path | None = None, **options) -> str:
+        """Save this adapter (with ``eval_dir`` and a model card) and commit it to ``repo_id``; returns the commit.
+
+        ``options`` go to :func:`xbt.hub.push_adapter` (``token``, ``private``, ``branch``, ``commit_message``).
+        """
+        import tempfile
+
+        from .hub import push_adapter
+
+        with tempfile.TemporaryDirectory() as folder:
+            return push_adapter(self.save_pretrained(folder), repo_id, eval_dir=eval_dir, **options)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -479,16 +491,9 @@ def _resolve_folder(directory_or_repo_id: str | Path, revision: str | None) -> P
         return path
     if isinstance(directory_or_repo_id, Path) or str(directory_or_repo_id).startswith(("/", ".", "~")):
         raise ModelLoadError(f"Adapter folder {str(path)!r} does not exist.")
-    from huggingface_hub import snapshot_download
+    from .hub import download_adapter
 
-    try:
-        return Path(snapshot_download(str(directory_or_repo_id), revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.md"]))
-    except Exception as error:
-        raise ModelLoadError(f"Could not fetch the adapter repo {directory_or_repo_id!r}"
-                             f"{f' at revision {revision}' if revision else ''} from the Hub "
-                             f"({type(error).__name__}: {error}). Check the repo id, or pass a local folder."
-                             ) from error
+    return download_adapter(str(directory_or_repo_id), revision=revision)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
