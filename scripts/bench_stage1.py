@@ -11,11 +11,13 @@
    Reported: cache size, the limit, peak RSS (VmHWM) and its anonymous and
    file-backed parts (file-backed pages are page cache the kernel can drop).
 
-    python scripts/bench_stage1.py --sizes tiny,base --captions 2048 --output runs/bench_stage1
+    python scripts/bench_stage1.py --sizes tiny:2048,base:256 --output runs/bench_stage1
 
 ``tiny`` is the test-sized CLIP (width 64, 2 layers); ``base`` has a ViT-B/32-sized text
-tower (width 512, 12 layers, 77 tokens, 512-d embeddings), random weights. Nothing is
-downloaded. Results go to OUTPUT/bench_stage1.json and are printed.
+tower (width 512, 12 layers, 77 tokens, 512-d embeddings), random weights; the number
+after the colon is the corpus size for that model size (a base-sized text tower encodes
+only a few captions per second on a small CPU). Nothing is downloaded. Results go to
+OUTPUT/bench_stage1.json and are printed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -84,7 +87,7 @@ def cache_versus_encoding(size: str, captions: list[str], work: Path, batch_size
     sources = [text_source("old", old, batch_size), text_source("new", new, batch_size)]
 
     started = time.perf_counter()
-    cache = build_cache(work / size / "cache", sources, captions, shard_size=4096, progress=True)
+    cache = build_cache(work / size / "cache", sources, captions, shard_size=512, progress=True)
     write_seconds = time.perf_counter() - started
 
     batches = epoch_batches(np.arange(len(captions)), batch_size, seed=0, epoch=0)
@@ -169,9 +172,9 @@ def memory_while_training(work: Path, rows: int, dim: int, limit_gib: float, bat
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="tiny,base", help="comma-separated model sizes: tiny, base")
-    parser.add_argument("--captions", type=int, default=2048, help="corpus size for the cache-vs-encode epochs")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--sizes", default="tiny:2048,base:256",
+                        help="comma-separated SIZE:CAPTIONS (sizes: tiny, base) for the cache-vs-encode epochs")
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--big_rows", type=int, default=3_000_000, help="rows of the big memory-mapped cache")
     parser.add_argument("--big_dim", type=int, default=512)
     parser.add_argument("--memory_limit_gib", type=float, default=1.5, help="RLIMIT_DATA of the training process")
@@ -184,10 +187,12 @@ def main() -> int:
 
     work = Path(options.output)
     work.mkdir(parents=True, exist_ok=True)
-    captions = generated_captions(options.captions)
-    results = {"machine": {"cpu_threads": torch.get_num_threads()},
-               "cache_vs_encoding": [cache_versus_encoding(size, captions, work, options.batch_size)
-                                     for size in options.sizes.split(",") if size]}
+    results = {"machine": {"cpu_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())},
+               "cache_vs_encoding": []}
+    for item in filter(None, options.sizes.split(",")):
+        size, count = item.split(":")
+        results["cache_vs_encoding"].append(
+            cache_versus_encoding(size, generated_captions(int(count)), work, options.batch_size))
     if options.big_rows:
         results["memory"] = memory_while_training(work, options.big_rows, options.big_dim, options.memory_limit_gib,
                                                   1024, options.big_steps)

@@ -68,6 +68,18 @@ def test_other_projection_kinds_and_losses_train(tmp_path, cache, kind):
     assert Projection.from_pretrained(tmp_path / kind).extra_dims == extra and summary["baselines"] == {}
 
 
+def test_initialising_from_the_ridge_fit_starts_where_the_baseline_is(tmp_path, cache):
+    train, validation = split_indices(cache.count, 200, seed=0)
+    config = TextStageConfig(output_dir=str(tmp_path), epochs=2, batch_size=100, init="ridge", baselines="ridge",
+                             checkpoint_every=0, cpu=True)
+    summary = train_text_stage(cache, train, validation, config)
+    recalls = [f"R@{k}" for k in (1, 5, 10)]
+    assert [summary["untrained"][k] for k in recalls] == [summary["baselines"]["ridge"][k] for k in recalls]
+    with pytest.raises(InputError, match="use init='random' for 'orthogonal'"):
+        train_text_stage(cache, train, validation, TextStageConfig(output_dir=str(tmp_path / "o"), init="procrustes",
+                                                                   cpu=True), ProjectionConfig(kind="orthogonal"))
+
+
 def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path, cache):
     train, validation = split_indices(cache.count, 100, seed=0)
     config = TextStageConfig(output_dir=str(tmp_path), epochs=5, max_steps=3, batch_size=100, baselines="", cpu=True)
@@ -80,6 +92,8 @@ def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path, cache):
 def test_bad_configurations_are_clear_errors(tmp_path, cache):
     with pytest.raises(InputError, match="loss must be one of"):
         TextStageConfig(loss="hinge")
+    with pytest.raises(InputError, match="init must be"):
+        TextStageConfig(init="zeros")
     with pytest.raises(InputError, match="Unknown baselines"):
         TextStageConfig(baselines="procrustes,pca")
     train, _ = split_indices(cache.count, 100, seed=0)

@@ -74,6 +74,8 @@ class TextStageConfig:
     baselines: str = field(default="procrustes,ridge", metadata={
         "help": f"comma-separated training-free baselines to fit and score beside ψ ({', '.join(BASELINES)}; '' for none)"})
     ridge_alpha: float = field(default=1e-3, metadata={"help": "L2 penalty of the ridge baseline"})
+    init: str = field(default="random", metadata={
+        "help": "start ψ's linear map 'random' or from the 'ridge' / 'procrustes' fit on the training pairs"})
     cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
 
     def __post_init__(self):
@@ -83,6 +85,8 @@ class TextStageConfig:
             raise InputError("epochs must be >= 1 and batch_size >= 2.")
         if self.noise_std < 0 or not 0 <= self.warmup_ratio < 1:
             raise InputError("noise_std must be >= 0 and warmup_ratio in [0, 1).")
+        if self.init not in ("random", *BASELINES):
+            raise InputError(f"init must be 'random' or one of {sorted(BASELINES)}, got {self.init!r}.")
         unknown = set(self.baseline_names) - set(BASELINES)
         if unknown:
             raise InputError(f"Unknown baselines {sorted(unknown)}; choose from {sorted(BASELINES)}.")
@@ -217,6 +221,12 @@ def train_text_stage(
     fingerprints = {"new_fingerprint": cache.fingerprints["new"].removesuffix(":text"),
                     "old_fingerprint": cache.fingerprints["old"].removesuffix(":text")}
     projection = Projection.build(cache.dims["new"], cache.dims["old"], projection_config, **fingerprints)
+    checkpoint = _resume_from(config, output_dir)
+    if config.init != "random" and checkpoint is None:
+        if projection.kind == "orthogonal":
+            raise InputError("init from a baseline applies to 'linear' and 'mlp' ψ; use init='random' for 'orthogonal'.")
+        fitted = fit_on_training_pairs(config.init, cache, train_indices, config.ridge_alpha)
+        projection.linear.load_state_dict(fitted.linear.state_dict())
     model = TextStageModel(projection, Temperature(config.temperature, learnable=config.learnable_temperature))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
@@ -231,7 +241,6 @@ def train_text_stage(
                         float(unwrapped.temperature().detach()), batch_size)
 
     step, history = 0, []
-    checkpoint = _resume_from(config, output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
@@ -267,7 +276,7 @@ def train_text_stage(
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
             if step % steps_per_epoch == 0:
-                history.append({"epoch": step // steps_per_epoch, "step": step, "train_loss": float(loss), **validate()})
+                history.append({"epoch": step // steps_per_epoch, "step": step, "train_loss": float(loss.detach()), **validate()})
                 logger.info("Epoch %d: %s", history[-1]["epoch"], _format(history[-1]))
             if step % checkpoint_every == 0 or step == total_steps:
                 save_checkpoint(accelerator, output_dir, step, history, config.keep_checkpoints)
@@ -280,6 +289,14 @@ def train_text_stage(
     return summary if summary is not None else json.loads((output_dir / SUMMARY_FILE).read_text())
 
 
+def fit_on_training_pairs(name: str, cache: EmbeddingCache, train_indices, ridge_alpha: float,
+                          **fingerprints) -> Projection:
+    """A training-free baseline ψ fitted on the cached training pairs (streamed from the memory map)."""
+    options = {"alpha": ridge_alpha} if name == "ridge" else {}
+    return fit_baseline(name, cache.subset("new", train_indices), cache.subset("old", train_indices), **options,
+                        **fingerprints)
+
+
 def _finish(model: TextStageModel, cache: EmbeddingCache, train_indices, validation_new, validation_old,
             config: TextStageConfig, projection_config: ProjectionConfig, history, total_steps, processes, seconds,
             final) -> dict:
@@ -290,9 +307,7 @@ def _finish(model: TextStageModel, cache: EmbeddingCache, train_indices, validat
                     "old_fingerprint": model.projection.old_fingerprint}
     baselines = {}
     for name in config.baseline_names:
-        options = {"alpha": config.ridge_alpha} if name == "ridge" else {}
-        baseline = fit_baseline(name, cache.subset("new", train_indices), cache.subset("old", train_indices),
-                                **options, **fingerprints)
+        baseline = fit_on_training_pairs(name, cache, train_indices, config.ridge_alpha, **fingerprints)
         baseline.save_pretrained(output_dir / "baselines" / name)
         baselines[name] = evaluate(baseline, validation_new, validation_old, config.loss,
                                    float(model.temperature().detach()), min(config.batch_size, len(train_indices)))
@@ -365,11 +380,9 @@ def run(argv: Sequence[str]) -> int:
     """``xbt pretrain-text``: train ψ from the new model's text space into the old one's, on captions alone."""
     configs = parse_configs(CONFIGS, argv, prog="xbt pretrain-text", description=run.__doc__)
     summary = pretrain_text(*configs)
-    if summary is not None and Path(configs[-1].output_dir).is_dir():
-        report = {"output_dir": configs[-1].output_dir, "untrained": summary["untrained"],
-                  "validation": summary["validation"], "baselines": summary["baselines"]}
-        from accelerate import PartialState
+    from accelerate import PartialState
 
-        if PartialState().is_main_process:
-            print(json.dumps(report, indent=2))
+    if PartialState().is_main_process:
+        print(json.dumps({"output_dir": configs[-1].output_dir, "untrained": summary["untrained"],
+                          "validation": summary["validation"], "baselines": summary["baselines"]}, indent=2))
     return 0
