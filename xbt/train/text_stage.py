@@ -144,8 +144,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, history: list[dict], keep: int) -> None:
-    """All processes call this; the checkpoint appears under its final name only once complete."""
+def save_checkpoint(accelerator, output_dir: Path, progress: dict, keep: int) -> None:
+    """All processes call this; the checkpoint appears under its final name only once complete.
+
+    ``progress`` (JSON: step, metrics history, running loss) is kept beside Accelerate's state.
+    """
+    step = progress["step"]
     final = _checkpoint_dir(output_dir, step)
     temporary = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process and temporary.exists():
@@ -154,7 +158,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, history: list[dict
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / PROGRESS_FILE).write_text(json.dumps({"step": step, "history": history}))
+        (temporary / PROGRESS_FILE).write_text(json.dumps(progress))
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -240,11 +244,11 @@ def train_text_stage(
         return evaluate(unwrapped.projection, validation_new, validation_old, config.loss,
                         float(unwrapped.temperature().detach()), batch_size)
 
-    step, history = 0, []
+    step, history, epoch_loss = 0, [], 0.0  # epoch_loss: sum of this epoch's batch losses so far
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
-        step, history = progress["step"], progress["history"]
+        step, history, epoch_loss = progress["step"], progress["history"], progress["epoch_loss"]
         logger.info("Resumed from %s at step %d of %d", checkpoint, step, total_steps)
     else:
         history.append({"epoch": 0, "step": 0, **validate()})  # the untrained ψ, for comparison
@@ -272,14 +276,17 @@ def train_text_stage(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            epoch_loss += loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
             if step % steps_per_epoch == 0:
-                history.append({"epoch": step // steps_per_epoch, "step": step, "train_loss": float(loss.detach()), **validate()})
+                train_loss, epoch_loss = epoch_loss / steps_per_epoch, 0.0
+                history.append({"epoch": step // steps_per_epoch, "step": step, "train_loss": train_loss, **validate()})
                 logger.info("Epoch %d: %s", history[-1]["epoch"], _format(history[-1]))
             if step % checkpoint_every == 0 or step == total_steps:
-                save_checkpoint(accelerator, output_dir, step, history, config.keep_checkpoints)
+                progress = {"step": step, "history": history, "epoch_loss": epoch_loss}
+                save_checkpoint(accelerator, output_dir, progress, config.keep_checkpoints)
 
     summary = None
     if accelerator.is_main_process:
