@@ -8,8 +8,9 @@
    process is allowed (``RLIMIT_DATA``; file-backed mappings do not count against it,
    anonymous allocations do). Random batches over all rows touch pages across the
    whole file; ``--big_steps`` caps the steps so the run stays short on a small CPU.
-   Reported: cache size, the limit, peak RSS (VmHWM) and its anonymous and
-   file-backed parts (file-backed pages are page cache the kernel can drop).
+   The shards are dropped from the page cache first (a cold start). Reported: cache
+   size, the limit, peak RSS (VmHWM) and its anonymous and file-backed parts
+   (file-backed pages are page cache the kernel can drop).
 
     python scripts/bench_stage1.py --sizes tiny:2048,base:512 --output runs/bench_stage1
 
@@ -128,7 +129,12 @@ def memory_while_training(work: Path, rows: int, dim: int, limit_gib: float, bat
     cache = build_cache(work / f"big-{rows}", [synthetic_source("new", dim, 1), synthetic_source("old", dim, 2)],
                         [str(i) for i in range(rows)], items_fingerprint=f"synthetic-rows-{rows}", shard_size=65536)
     write_seconds = time.perf_counter() - started
-    cache_bytes = sum(p.stat().st_size for p in cache.path.glob("shard-*.safetensors"))
+    shards = list(cache.path.glob("shard-*.safetensors"))
+    cache_bytes = sum(p.stat().st_size for p in shards)
+    for shard in shards:  # start cold: drop the just-written shards from the page cache
+        descriptor = os.open(shard, os.O_RDONLY)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(descriptor)
     limit = int(limit_gib * 2**30)
     command = [sys.executable, "-m", "xbt", "pretrain-text", "--cache_path", str(cache.path),
                "--output_dir", str(work / f"big_run-{rows}"), "--epochs", "1", "--max_steps", str(steps),
