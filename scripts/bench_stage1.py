@@ -7,7 +7,8 @@
    from a memory-mapped cache several times larger than the private memory the
    process is allowed (``RLIMIT_DATA``; file-backed mappings do not count against it,
    anonymous allocations do). Random batches over all rows touch pages across the
-   whole file; ``--big_steps`` caps the steps so the run stays short on a small CPU.
+   whole file; ``--big_steps`` caps the steps and ``--init random`` skips the ridge
+   fit (a full streamed pass) so the run stays short on a small CPU.
    The shards are dropped from the page cache first (a cold start). Reported: cache
    size, the limit, peak RSS (VmHWM) and its anonymous and file-backed parts
    (file-backed pages are page cache the kernel can drop).
@@ -138,7 +139,7 @@ def memory_while_training(work: Path, rows: int, dim: int, limit_gib: float, bat
     limit = int(limit_gib * 2**30)
     command = [sys.executable, "-m", "xbt", "pretrain-text", "--cache_path", str(cache.path),
                "--output_dir", str(work / f"big_run-{rows}"), "--epochs", "1", "--max_steps", str(steps),
-               "--batch_size", str(batch_size), "--kind", "linear",
+               "--batch_size", str(batch_size), "--kind", "linear", "--init", "random",
                "--validation_size", "2000", "--baselines", "", "--checkpoint_every", "0", "--cpu"]
 
     def limit_private_memory():
