@@ -37,12 +37,14 @@ On disk::
 Writing is resumable and atomic: each shard is written to a temporary file, fsynced
 and renamed, so a shard file is either complete or absent; a killed build continues
 from the shards that exist. Shard ``i`` always covers the same rows, so under
-``accelerate launch`` (pass ``process=Accelerator()`` or ``PartialState()``) process
+``accelerate launch`` (pass ``process=accelerator``; on CPU create it as
+``Accelerator(cpu=True)`` or set ``ACCELERATE_USE_CPU=true``, see ENVIRONMENT.md) process
 ``r`` encodes the shards ``i % num_processes == r`` and the main process writes the
 manifest once all shards exist, whatever the number of processes was before a resume.
 
 Reading is memory-mapped: shards are safetensors files (nothing is unpickled) whose
-tensor data is mapped with :class:`numpy.memmap`, so a cache larger than RAM works.
+tensor data is mapped read-only (one ``mmap`` per shard, advised for random access, viewed
+as numpy arrays without copying), so a cache larger than RAM works.
 """
 
 from __future__ import annotations
