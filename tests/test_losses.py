@@ -63,7 +63,7 @@ def test_temperature_learnable_or_fixed():
     learnable, fixed = Temperature(0.07), Temperature(0.05, learnable=False)
     assert math.isclose(float(learnable().detach()), 1 / 0.07, rel_tol=1e-5)
     assert [p for p in fixed.parameters()] == [] and len(list(learnable.parameters())) == 1
-    assert float(Temperature(0.001)()) == 100.0
+    assert float(Temperature(0.001)().detach()) == 100.0
 
 
 def test_weighted_loss_skips_zero_weights_and_reports_terms():

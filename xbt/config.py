@@ -12,6 +12,7 @@ Unknown keys in a config file, like unknown flags, are errors.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -45,13 +46,19 @@ def parse_configs(types: Sequence[type], argv: Sequence[str], prog: str, descrip
     parser = HfArgumentParser(list(types), prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML or JSON file of option values (flags override it)")
     known = {field.name for kind in types for field in dataclasses.fields(kind)}
-    options, _ = parser.parse_known_args(list(argv))
+    # --config alone first: the file may provide options that are otherwise required.
+    only_config = argparse.ArgumentParser(add_help=False)
+    only_config.add_argument("--config", default=None)
+    options, _ = only_config.parse_known_args(list(argv))
     if options.config:
         values = read_config_file(options.config)
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"Config file {options.config!r} has unknown options {unknown}; known: {sorted(known)}.")
         parser.set_defaults(**values)
+        for action in parser._actions:  # an option the file gives is no longer required on the command line
+            if action.dest in values:
+                action.required = False
     # the result also holds a namespace with --config itself, then the unparsed strings
     results = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
     if results[-1]:

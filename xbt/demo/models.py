@@ -57,6 +57,19 @@ def build_clip_tokenizer(folder: str | Path | None = None, context_length: int =
     return tokenizer
 
 
+def save_weights(model: torch.nn.Module, backend: str, folder: str | Path) -> None:
+    """Write ``model``'s weights into ``folder`` in its library's own format (safetensors).
+
+    open_clip reads ``open_clip_model.safetensors`` from a ``local-dir:`` folder;
+    transformers writes ``model.safetensors`` + ``config.json`` with ``save_pretrained``.
+    """
+    if backend == "open_clip":
+        state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(Path(folder) / "open_clip_model.safetensors"))
+    else:
+        model.save_pretrained(str(folder), safe_serialization=True)
+
+
 def build_open_clip(folder: str | Path, config: TinyClipConfig = TinyClipConfig()) -> str:
     """Build and save a tiny open_clip CLIP; returns its reference ``open_clip:local-dir:FOLDER``."""
     from open_clip.model import CLIP
@@ -76,7 +89,7 @@ def build_open_clip(folder: str | Path, config: TinyClipConfig = TinyClipConfig(
                       "resize_mode": "shortest"}
     (folder / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    save_weights(model, "open_clip", folder)
     return f"open_clip:local-dir:{folder.resolve()}"
 
 
@@ -98,7 +111,7 @@ def build_hf_clip(folder: str | Path, config: TinyClipConfig = TinyClipConfig())
     )
     torch.manual_seed(config.seed)
     model = CLIPModel(clip_config)
-    model.save_pretrained(str(folder), safe_serialization=True)
+    save_weights(model, "hf", folder)
     build_clip_tokenizer(folder, context_length=config.context_length)
     CLIPImageProcessor(
         size={"shortest_edge": config.image_size},

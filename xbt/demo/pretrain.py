@@ -1,0 +1,315 @@
+"""Train a tiny CLIP from scratch on generated image–caption pairs (either backend).
+
+The model is loaded through its reference (:func:`xbt.load_backbone`), trained in place
+with the symmetric contrastive (InfoNCE) loss and the model's own learnable temperature
+(``logit_scale``), and written back in its library's own format, so every later stage
+loads it exactly like a downloaded checkpoint.
+
+Speed on a 2-core CPU (measured side by side with scripts/bench_pretrain.py):
+- images are preprocessed and captions tokenised once, before the loop;
+- the full 49,408-row CLIP token embedding is swapped, for the duration of training,
+  for one holding only the rows of tokens the captions use (a few dozen). A dense
+  gradient and AdamW state over the full table roughly doubled the step time of a
+  width-64 model; the saved model keeps the full vocabulary and tokenizer, so both
+  backends still load through the ordinary reference path;
+- fp32: bf16 autocast was about 2× slower on this CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..backbones import DualEncoder, load_backbone
+from ..errors import InputError
+from ..images import ImageLike
+from .models import BUILDERS, TinyClipConfig, save_weights
+from .quality import evaluate_model, flatten_captions
+from .scenes import BenchmarkConfig, read_split, write_benchmark
+
+logger = logging.getLogger(__name__)
+
+TRAINING_RECORD = "xbt_pretrain.json"  # written beside the weights: what the model was trained with
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learnable temperature
+
+
+@dataclass
+class PretrainConfig:
+    """Optimisation of one from-scratch run."""
+
+    steps: int = 600
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class PretrainResult:
+    steps: int
+    seconds: float
+    first_loss: float  # mean over the first 10 steps
+    last_loss: float  # mean over the last 10 steps
+    losses: list[float] = field(repr=False)
+
+
+# ---------------------------------------------------------------------------------
+# pieces of the loop
+# ---------------------------------------------------------------------------------
+class CompactEmbedding(nn.Module):
+    """The rows ``used_ids`` of a token embedding, as a small trainable table indexed by original ids."""
+
+    def __init__(self, full_weight: torch.Tensor, used_ids: torch.Tensor):
+        super().__init__()
+        lookup = torch.full((full_weight.shape[0],), -1, dtype=torch.long)
+        lookup[used_ids] = torch.arange(len(used_ids))
+        self.register_buffer("lookup", lookup, persistent=False)
+        self.used_ids = used_ids
+        self.weight = nn.Parameter(full_weight.detach()[used_ids].clone())
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(self.lookup[token_ids], self.weight)
+
+
+@contextmanager
+def compact_token_embedding(model: nn.Module, token_ids: torch.Tensor) -> Iterator[CompactEmbedding]:
+    """Train only the token-embedding rows that ``token_ids`` use; written back into the full table on exit."""
+    name, full = max(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)),
+                     key=lambda item: item[1].num_embeddings)  # the vocabulary table is the largest
+    parent = model.get_submodule(name.rpartition(".")[0])
+    attribute = name.rpartition(".")[2]
+    compact = CompactEmbedding(full.weight, torch.unique(token_ids))
+    setattr(parent, attribute, compact)
+    try:
+        yield compact
+    finally:
+        with torch.no_grad():
+            full.weight[compact.used_ids] = compact.weight
+        setattr(parent, attribute, full)
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch whose i-th image and i-th caption match."""
+    images = F.normalize(image_features, dim=-1)
+    texts = F.normalize(text_features, dim=-1)
+    logits = logit_scale.exp() * images @ texts.T
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """Learning-rate multiplier: linear warm-up, then cosine decay to zero."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on biases, norms, embeddings or the temperature)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 and "embedding" not in name else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Image indices, one shuffled epoch after another (no image twice in a batch)."""
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+# ---------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------
+def train_contrastive(encoder: DualEncoder, images: Sequence[ImageLike] | torch.Tensor,
+                      captions: Sequence[Sequence[str]], config: PretrainConfig) -> PretrainResult:
+    """Train ``encoder.model`` in place on images and their captions (one caption drawn per image per step)."""
+    if len(images) != len(captions):
+        raise InputError(f"{len(images)} images but {len(captions)} caption lists; give one list per image.")
+    if len(images) < config.batch_size:
+        raise InputError(f"{len(images)} images is fewer than one batch ({config.batch_size}); "
+                         f"lower batch_size or generate more images.")
+    if any(not group for group in captions):
+        raise InputError("Every image needs at least one caption.")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    # Everything the loop reads is prepared once.
+    pixels = images if isinstance(images, torch.Tensor) else encoder.preprocess_images(images)
+    flat, _ = flatten_captions(captions)
+    tokens = encoder.tokenize(flat)
+    counts = torch.tensor([len(group) for group in captions])
+    offsets = torch.cumsum(counts, 0) - counts  # first caption of each image in ``flat``
+
+    model = encoder.model.train()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)  # the loader froze them
+    losses: list[float] = []
+    start = time.perf_counter()
+    with compact_token_embedding(model, tokens["input_ids"]):
+        optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps))
+        batches = _batches(len(pixels), config.batch_size, generator)
+        progress = tqdm(range(config.steps), desc=f"pretrain {encoder.backend}", unit="step",
+                        disable=config.steps < 200)
+        for _ in progress:
+            batch = next(batches)
+            chosen = offsets[batch] + (torch.rand(len(batch), generator=generator) * counts[batch]).long()
+            loss = contrastive_loss(encoder.image_features(pixels[batch]),
+                                    encoder.text_features({key: value[chosen] for key, value in tokens.items()}),
+                                    model.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    seconds = time.perf_counter() - start
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    result = PretrainResult(config.steps, round(seconds, 2), _mean(losses[:10]), _mean(losses[-10:]), losses)
+    logger.info("trained %s: %d steps in %.1f s, loss %.3f -> %.3f", encoder.reference, result.steps,
+                result.seconds, result.first_loss, result.last_loss)
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / max(1, len(values)), 4)
+
+
+# ---------------------------------------------------------------------------------
+# build + train + save, cached
+# ---------------------------------------------------------------------------------
+@dataclass
+class ModelRecipe:
+    """A tiny CLIP of one backend and how long it is trained."""
+
+    backend: str = "open_clip"
+    model: TinyClipConfig = field(default_factory=TinyClipConfig)
+    training: PretrainConfig = field(default_factory=PretrainConfig)
+    train_images: int | None = None  # use only the first N training images (None: all)
+
+
+def _data_digest(train_folder: Path) -> str:
+    return hashlib.sha256((train_folder / "metadata.jsonl").read_bytes()).hexdigest()[:16]
+
+
+def train_model(folder: str | Path, recipe: ModelRecipe, train_folder: str | Path) -> str:
+    """Build the recipe's tiny model in ``folder``, train it on ``train_folder``, save it; returns its reference.
+
+    Skipped (the reference is returned as is) when ``folder`` already holds a model
+    trained with the same recipe on the same data.
+    """
+    folder, train_folder = Path(folder), Path(train_folder)
+    if recipe.backend not in BUILDERS:
+        raise InputError(f"Unknown backend {recipe.backend!r}; choose one of {', '.join(BUILDERS)}.")
+    request = {"recipe": asdict(recipe), "data": _data_digest(train_folder)}
+    record_path = folder / TRAINING_RECORD
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["request"] == request:
+            logger.info("%s: already trained with this recipe, skipping", folder)
+            return record["reference"]
+        record_path.unlink()  # stale: retrain from scratch
+    reference = BUILDERS[recipe.backend](folder, recipe.model)
+    paths, captions = read_split(train_folder)
+    paths, captions = paths[:recipe.train_images], captions[:recipe.train_images]
+    encoder = load_backbone(reference)
+    result = train_contrastive(encoder, paths, captions, recipe.training)
+    save_weights(encoder.model, recipe.backend, folder)
+    result_summary = {k: v for k, v in asdict(result).items() if k != "losses"}
+    record_path.write_text(json.dumps({"request": request, "reference": reference, "result": result_summary,
+                                       "fingerprint": load_backbone(reference).fingerprint}, indent=2))
+    return reference
+
+
+# ---------------------------------------------------------------------------------
+# presets: an OLD and a NEW model on one generated benchmark
+# ---------------------------------------------------------------------------------
+@dataclass
+class PairPreset:
+    """Data sizes and the OLD/NEW recipes (the NEW one bigger and trained longer)."""
+
+    data: BenchmarkConfig
+    old: ModelRecipe
+    new: ModelRecipe
+
+
+def fast_preset(domain: str = "shapes", seed: int = 0, backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
+    """For the test suite: about 30 s for data and both models on 2 CPU cores."""
+    return PairPreset(
+        data=BenchmarkConfig(domain=domain, train_images=2000, test_images=300, corpus_captions=5000, seed=seed),
+        old=ModelRecipe(backends[0], TinyClipConfig(width=32, layers=1, heads=2, context_length=20, seed=seed),
+                        PretrainConfig(steps=80, batch_size=64, seed=seed), train_images=500),
+        new=ModelRecipe(backends[1], TinyClipConfig(width=64, layers=2, heads=2, context_length=20, seed=seed + 1),
+                        PretrainConfig(steps=250, batch_size=64, seed=seed + 1)),
+    )
+
+
+def demo_preset(domain: str = "shapes", seed: int = 0, backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
+    """For ``xbt demo``: the sizes ENVIRONMENT.md found to give clearly different models (≈ 2 min)."""
+    return PairPreset(
+        data=BenchmarkConfig(domain=domain, train_images=20000, test_images=1000, corpus_captions=50000, seed=seed),
+        old=ModelRecipe(backends[0], TinyClipConfig(width=64, layers=2, heads=2, context_length=20, seed=seed),
+                        PretrainConfig(steps=150, batch_size=128, seed=seed), train_images=4000),
+        new=ModelRecipe(backends[1], TinyClipConfig(width=96, layers=3, heads=3, context_length=20, seed=seed + 1),
+                        PretrainConfig(steps=600, batch_size=128, seed=seed + 1)),
+    )
+
+
+@dataclass
+class TrainedPair:
+    """References of the trained OLD and NEW models and the folders of the data they saw."""
+
+    old: str
+    new: str
+    train: Path
+    test: Path
+    corpus: Path
+
+
+def train_pair(root: str | Path, preset: PairPreset) -> TrainedPair:
+    """Generate the preset's benchmark under ``root/data`` and train both models under ``root/models``."""
+    root = Path(root)
+    data = write_benchmark(root / "data", preset.data)
+    old = train_model(root / "models" / "old", preset.old, data["train"])
+    new = train_model(root / "models" / "new", preset.new, data["train"])
+    return TrainedPair(old=old, new=new, train=data["train"], test=data["test"], corpus=data["corpus"])
+
+
+def tiny_pair(root: str | Path, domain: str = "shapes", seed: int = 0,
+              backends: tuple[str, str] = ("open_clip", "hf")) -> TrainedPair:
+    """The test suite's OLD/NEW pair (fast preset); ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
+    return train_pair(root, fast_preset(domain, seed, backends))
+
+
+def evaluate_pair(pair: TrainedPair, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+    """old→old and new→new Recall@K on the pair's test split, both directions."""
+    paths, captions = read_split(pair.test)
+    return {f"{role}→{role}": evaluate_model(load_backbone(reference), paths, captions, ks)
+            for role, reference in (("old", pair.old), ("new", pair.new))}
