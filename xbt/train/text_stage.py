@@ -117,13 +117,16 @@ def evaluate(projection: nn.Module, new: torch.Tensor, old: torch.Tensor, loss: 
              batch_size: int, chunk: int = 1024) -> dict[str, float]:
     """Validation loss (fixed batches, no noise) and text→text Recall@K (%) of ψ(new) against old."""
     projection.eval()
+    device = next(projection.parameters()).device
+    new, old = new.to(device), old.to(device)
     queries = torch.cat([projection(new[i:i + chunk]) for i in range(0, len(new), chunk)])
     losses = [float(paired_loss(loss, queries[i:i + batch_size], old[i:i + batch_size], logit_scale))
               for i in range(0, len(old), batch_size) if min(batch_size, len(old) - i) > 1]
     ranks = []  # how many gallery items score strictly above the true one
     for start in range(0, len(queries), chunk):
         scores = queries[start:start + chunk] @ old.T
-        true = scores[torch.arange(len(scores)), torch.arange(start, start + len(scores))]
+        rows = torch.arange(len(scores), device=device)
+        true = scores[rows, rows + start]
         ranks.append((scores > true[:, None]).sum(dim=1))
     ranks = torch.cat(ranks)
     projection.train()
