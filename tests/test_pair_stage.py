@@ -157,7 +157,8 @@ def test_divergence_stops_with_the_last_good_checkpoint_kept(setup, tmp_path):
     assert "NaN" in message or "nan" in message or "inf" in message
     checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints and f"last good checkpoint is {checkpoints[-1]}" in message
-    assert all((c / "complete").is_file() for c in checkpoints)
+    assert all((c / "progress.json").is_file() for c in checkpoints)
+    assert not list(checkpoints[-1].glob("custom_checkpoint_*"))  # nothing that loads with weights_only=False
     kept = load_file(str(next(checkpoints[-1].glob("model*.safetensors"))))
     assert all(torch.isfinite(v).all() for v in kept.values())
     assert not (tmp_path / "run" / "adapter").exists()
@@ -185,7 +186,7 @@ def test_kill_minus_9_then_resume_latest_reaches_the_same_weights(setup, tmp_pat
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, *_script(setup, interrupted, *steps)], env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = interrupted / "checkpoints" / "step-00000004" / "complete"
+    marker = interrupted / "checkpoints" / "step-00000004" / "progress.json"
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)

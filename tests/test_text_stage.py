@@ -18,7 +18,8 @@ from xbt.cache import build_cache, text_source
 from xbt.data.captions import split_indices
 from xbt.errors import InputError
 from xbt.projection import Projection, ProjectionConfig
-from xbt.train.text_stage import TextStageConfig, latest_checkpoint, train_text_stage
+from xbt.train.checkpoints import latest_checkpoint
+from xbt.train.text_stage import TextStageConfig, train_text_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cache import captions  # noqa: E402
@@ -100,7 +101,7 @@ def test_bad_configurations_are_clear_errors(tmp_path, cache):
     train, _ = split_indices(cache.count, 100, seed=0)
     with pytest.raises(InputError, match="at least 2 validation"):
         train_text_stage(cache, train, train[:1], TextStageConfig(output_dir=str(tmp_path), cpu=True))
-    with pytest.raises(InputError, match="not a complete stage-1 checkpoint"):
+    with pytest.raises(InputError, match="not a complete checkpoint"):
         train_text_stage(cache, train, train[:10], TextStageConfig(output_dir=str(tmp_path), resume=str(tmp_path),
                                                                    cpu=True))
 

@@ -35,9 +35,7 @@ Output: ``OUTPUT_DIR/adapter/`` (an XBTModel directory) and ``OUTPUT_DIR/checkpo
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +52,13 @@ from ..errors import InputError, XBTError
 from ..losses import Temperature, WeightedLoss, cosine_loss, info_nce
 from ..model import AdapterConfig, XBTModel
 from ..projection import Projection
+from .checkpoints import latest_checkpoint, read_progress, resolve_resume, save_checkpoint
 from .targets import OldSpaceTargets, build_targets, old_text_source
 
 logger = logging.getLogger(__name__)
 
 TERMS = ("new_new", "anchor", "text_to_old_image", "image_to_old_text")
-ADAPTER_DIR, CHECKPOINT_DIR = "adapter", "checkpoints"
+ADAPTER_DIR = "adapter"
 
 
 class TrainingDivergedError(XBTError):
@@ -244,7 +243,9 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
 
     adapter, cache = adapter or AdapterConfig(), cache or CacheConfig()
     output = Path(config.output_dir)
+    # The scheduler is stepped by hand once per optimiser step (not once per process, accelerate's default).
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              step_scheduler_with_optimizer=False,
                               mixed_precision=config.mixed_precision,
                               log_with=None if config.report_to == "none" else config.report_to,
                               project_dir=str(output))
@@ -283,14 +284,13 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
         groups.append({"params": list(projection.parameters()),
                        "lr": config.projection_learning_rate or config.learning_rate})
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
-    # The scheduler is stepped once per optimiser step (not prepared: accelerate would step it per process).
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
-    checkpoint = find_checkpoint(output, config.resume) if config.resume else None
+    checkpoint = resolve_resume(output, config.resume)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        progress.load_state_dict(read_progress(checkpoint))
         logger.info("Resumed from %s at step %d", checkpoint, progress.step)
     if config.report_to != "none":
         accelerator.init_trackers("xbt-stage2", config={**_flat(config), **_flat(data), **_flat(adapter)})
@@ -340,7 +340,7 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
                 accelerator.log(logs, step=progress.step)
                 logger.debug("step %d: %s", progress.step, logs)
             if progress.step % config.save_steps == 0 or progress.step == config.max_steps:
-                save_checkpoint(accelerator, objective, output, progress.step, config.save_total_limit)
+                _save_checkpoint(accelerator, objective, output, progress, config.save_total_limit)
             if progress.step >= config.max_steps:
                 break
         else:
@@ -404,45 +404,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------
-def _checkpoints(output: Path) -> list[Path]:
-    folder = output / CHECKPOINT_DIR
-    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / "complete").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def latest_checkpoint(output: Path) -> Path | None:
-    checkpoints = _checkpoints(output)
-    return checkpoints[-1] if checkpoints else None
-
-
-def find_checkpoint(output: Path, resume: str) -> Path | None:
-    """``"latest"`` -> the newest complete checkpoint of the run (``None``: start afresh); else a checkpoint folder."""
-    if resume == "latest":
-        found = latest_checkpoint(output)
-        if found is None:
-            logger.info("No checkpoint in %s yet: starting from scratch", output / CHECKPOINT_DIR)
-        return found
-    path = Path(resume)
-    if not (path / "complete").is_file():
-        raise InputError(f"--resume {resume}: not a complete stage-2 checkpoint folder; pass 'latest' or a folder "
-                         f"under {output / CHECKPOINT_DIR}.")
-    return path
-
-
-def save_checkpoint(accelerator, objective: nn.Module, output: Path, step: int, keep: int) -> None:
-    """``save_state`` into ``checkpoints/step-N``; marked complete last; older ones beyond ``keep`` removed."""
+def _save_checkpoint(accelerator, objective: nn.Module, output: Path, progress: TrainingProgress, keep: int) -> None:
+    """Refuse to checkpoint NaN/inf weights: the last good checkpoint must stay the newest one."""
     unwrapped = accelerator.unwrap_model(objective)
     if not all(torch.isfinite(p).all() for p in unwrapped.parameters() if p.requires_grad):
-        raise TrainingDivergedError(f"Trainable weights became NaN/inf at step {step}; not checkpointing them. The "
-                                    f"last good checkpoint is {latest_checkpoint(output) or 'none'}.")
-    folder = output / CHECKPOINT_DIR / f"step-{step:08d}"
-    accelerator.save_state(str(folder))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (folder / "complete").write_text(json.dumps({"step": step}))
-        for old in _checkpoints(output)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+        raise TrainingDivergedError(f"Trainable weights became NaN/inf at step {progress.step}; not checkpointing "
+                                    f"them. The last good checkpoint is {latest_checkpoint(output) or 'none'}.")
+    save_checkpoint(accelerator, output, progress.state_dict(), keep)
 
 
 def _flat(config) -> dict[str, Any]:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,11 +42,12 @@ from ..data.captions import CaptionConfig, load_captions, split_indices
 from ..errors import InputError
 from ..losses import LOSS_KINDS, Temperature, add_noise, paired_loss
 from ..projection import Projection, ProjectionConfig
+from .checkpoints import read_progress, resolve_resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10)
-SUMMARY_FILE, METRICS_FILE, PROGRESS_FILE = "training_summary.json", "metrics.jsonl", "progress.json"
+SUMMARY_FILE, METRICS_FILE = "training_summary.json", "metrics.jsonl"
 
 
 @dataclass
@@ -136,58 +135,6 @@ def evaluate(projection: nn.Module, new: torch.Tensor, old: torch.Tensor, loss: 
 
 
 # ----------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------
-def _checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / "checkpoints" / f"step-{step:08d}"
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``output_dir/checkpoints`` (temporaries never count)."""
-    folder = Path(output_dir) / "checkpoints"
-    complete = sorted(p for p in folder.glob("step-*") if (p / PROGRESS_FILE).is_file()) if folder.is_dir() else []
-    return complete[-1] if complete else None
-
-
-def save_checkpoint(accelerator, output_dir: Path, progress: dict, keep: int) -> None:
-    """All processes call this; the checkpoint appears under its final name only once complete.
-
-    ``progress`` (JSON: step, metrics history, running loss) is kept beside Accelerate's state.
-    """
-    step = progress["step"]
-    final = _checkpoint_dir(output_dir, step)
-    temporary = final.with_name(f".{final.name}.tmp")
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)  # left by a killed run
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temporary / PROGRESS_FILE).write_text(json.dumps(progress))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        for old in sorted(final.parent.glob("step-*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _resume_from(config: TextStageConfig, output_dir: Path) -> Path | None:
-    if not config.resume:
-        return None
-    if config.resume == "latest":
-        checkpoint = latest_checkpoint(output_dir)
-        if checkpoint is None:
-            logger.info("No checkpoint in %s yet: starting from scratch", output_dir / "checkpoints")
-        return checkpoint
-    checkpoint = Path(config.resume)
-    if not (checkpoint / PROGRESS_FILE).is_file():
-        raise InputError(f"{checkpoint} is not a complete stage-1 checkpoint (no {PROGRESS_FILE}); "
-                         f"pass 'latest' or a folder under {output_dir / 'checkpoints'}.")
-    return checkpoint
-
-
-# ----------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------
 def epoch_batches(train_indices: np.ndarray, batch_size: int, seed: int, epoch: int) -> np.ndarray:
@@ -230,7 +177,7 @@ def train_text_stage(
     fingerprints = {"new_fingerprint": cache.fingerprints["new"].removesuffix(":text"),
                     "old_fingerprint": cache.fingerprints["old"].removesuffix(":text")}
     projection = Projection.build(cache.dims["new"], cache.dims["old"], projection_config, **fingerprints)
-    checkpoint = _resume_from(config, output_dir)
+    checkpoint = resolve_resume(output_dir, config.resume)
     init = ("random" if projection.kind == "orthogonal" else "ridge") if config.init == "auto" else config.init
     if init != "random" and checkpoint is None:
         if projection.kind == "orthogonal":
@@ -254,7 +201,7 @@ def train_text_stage(
     step, history, epoch_loss = 0, [], 0.0  # epoch_loss: sum of this epoch's batch losses so far
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        progress = read_progress(checkpoint)
         step, history, epoch_loss = progress["step"], progress["history"], progress["epoch_loss"]
         logger.info("Resumed from %s at step %d of %d", checkpoint, step, total_steps)
     else:
