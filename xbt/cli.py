@@ -17,6 +17,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("xbt.commands:info", "load a model reference and print its dims, fingerprint and LoRA targets"),
     "demo": ("xbt.demo.run:main", "run the embedded default end to end on generated data and tiny models"),
+    "check-pairs": ("xbt.data.check:main", "decode every image of an image-text source once and report bad files"),
 }
 
 

@@ -9,6 +9,7 @@ scaled rather than clipped). Anything that cannot be decoded raises
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -68,8 +69,20 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Image file {str(path)!r} does not exist.")
+    return _decode(path, str(path))
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Decode an encoded image held in memory (a tar member, a Parquet cell) to RGB.
+
+    ``name`` identifies the image in error messages. Same checks as :func:`load_image`.
+    """
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"{width}x{height} pixels")
@@ -77,11 +90,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return to_rgb(image).copy()
     except Image.DecompressionBombError as error:
         raise InputError(
-            f"Image {str(path)!r} is too large to decode safely ({error}); "
+            f"Image {name!r} is too large to decode safely ({error}); "
             f"resize it below {MAX_IMAGE_PIXELS:,} pixels."
         ) from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise InputError(f"Image {str(path)!r} is corrupt or not an image ({type(error).__name__}: {error}).") from error
+        raise InputError(f"Image {name!r} is corrupt or not an image ({type(error).__name__}: {error}).") from error
 
 
 def as_rgb_image(item: ImageLike) -> Image.Image:

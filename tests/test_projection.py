@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from xbt import FingerprintMismatchError, InputError
+from xbt.projection import Projection, ProjectionConfig
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "orthogonal"])
+def test_outputs_are_unit_vectors_of_the_old_dimension(kind):
+    psi = Projection(48, 32, kind=kind)
+    out = psi(torch.randn(5, 48))
+    assert out.shape == (5, 32)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
+
+
+def test_mlp_starts_as_its_linear_path():
+    psi = Projection(16, 8, kind="mlp")
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(psi.extended(x), psi.linear(x))
+
+
+def test_orthogonal_map_is_an_isometry_with_extra_dims():
+    psi = Projection(24, 16, kind="orthogonal", extra_dims=8)
+    weight = psi.linear.weight  # (24, 24): square, hence orthogonal
+    torch.testing.assert_close(weight @ weight.T, torch.eye(24), atol=1e-5, rtol=0)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(psi.extended(x).norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=0)
+    assert psi(x).shape == (3, 16)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "orthogonal"])
+def test_save_and_load_round_trip_through_safetensors(kind, tmp_path):
+    psi = Projection(12, 10, kind=kind, new_fingerprint="hf-aaaa", old_fingerprint="open_clip-bbbb")
+    with torch.no_grad():
+        for parameter in psi.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    psi.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    loaded = Projection.from_pretrained(tmp_path)
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(loaded(x), psi(x))
+    assert (loaded.kind, loaded.new_fingerprint, loaded.old_fingerprint) == (kind, "hf-aaaa", "open_clip-bbbb")
+
+
+def test_refuses_other_models_and_wrong_dimensions():
+    psi = Projection(12, 10, new_fingerprint="hf-aaaa", old_fingerprint="open_clip-bbbb")
+    psi.check_models("hf-aaaa", "open_clip-bbbb")
+    with pytest.raises(FingerprintMismatchError, match="new model hf-aaaa.*hf-cccc"):
+        psi.check_models(new_fingerprint="hf-cccc")
+    with pytest.raises(InputError, match="dimension 12, got 7"):
+        psi(torch.randn(2, 7))
+
+
+def test_from_linear_map_and_config_validation():
+    weight = torch.randn(4, 6)
+    psi = Projection.from_linear_map(weight)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(psi(x), torch.nn.functional.normalize(x @ weight.T, dim=-1))
+    with pytest.raises(ValueError, match="one of"):
+        ProjectionConfig(kind="quadratic")
+    with pytest.raises(ValueError, match="orthogonal"):
+        ProjectionConfig(kind="linear", extra_dims=4)
+    built = Projection.build(6, 4, ProjectionConfig(kind="orthogonal", extra_dims=2))
+    assert built.extra_dims == 2

@@ -1,0 +1,112 @@
+"""ψ: the projection from the new model's embedding space into the old model's.
+
+Three shapes, all returning L2-normalised vectors in the old space:
+
+- ``linear``: one affine map.
+- ``mlp``: the affine map plus a residual MLP whose last layer starts at zero, so
+  training starts from the linear solution and only adds what it needs.
+- ``orthogonal``: an orthogonal map onto ``old_dim + extra_dims`` (after BT²/OCA):
+  the first ``old_dim`` coordinates are the compatible part, the extra ones can keep
+  information the old space has no room for. Orthogonality preserves the geometry
+  of the new space.
+
+Saved and loaded through huggingface_hub's ``PyTorchModelHubMixin`` (config.json +
+model.safetensors; nothing is unpickled). The config records the fingerprints of the
+models ψ was made for, so it can refuse to be used with others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from .errors import FingerprintMismatchError, InputError
+
+KINDS = ("linear", "mlp", "orthogonal")
+
+
+@dataclass
+class ProjectionConfig:
+    """Shape of ψ. ``hidden_dim`` defaults to twice the larger of the two dims."""
+
+    kind: str = "mlp"
+    hidden_dim: int | None = None
+    extra_dims: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Projection kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.extra_dims and self.kind != "orthogonal":
+            raise ValueError("extra_dims applies to the 'orthogonal' projection only.")
+
+
+class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt", "backward-compatible"]):
+    """Map new-space embeddings ``(N, new_dim)`` to normalised old-space ones ``(N, old_dim)``."""
+
+    def __init__(
+        self,
+        new_dim: int,
+        old_dim: int,
+        kind: str = "mlp",
+        hidden_dim: int | None = None,
+        extra_dims: int = 0,
+        new_fingerprint: str | None = None,
+        old_fingerprint: str | None = None,
+    ):
+        super().__init__()
+        ProjectionConfig(kind, hidden_dim, extra_dims)  # validates
+        self.new_dim, self.old_dim, self.kind = new_dim, old_dim, kind
+        self.extra_dims = extra_dims
+        self.new_fingerprint, self.old_fingerprint = new_fingerprint, old_fingerprint
+        if kind == "orthogonal":
+            self.linear = parametrizations.orthogonal(nn.Linear(new_dim, old_dim + extra_dims, bias=False))
+        else:
+            self.linear = nn.Linear(new_dim, old_dim)
+        self.residual = None
+        if kind == "mlp":
+            hidden = hidden_dim or 2 * max(new_dim, old_dim)
+            self.residual = nn.Sequential(nn.Linear(new_dim, hidden), nn.GELU(), nn.Linear(hidden, old_dim))
+            nn.init.zeros_(self.residual[-1].weight)
+            nn.init.zeros_(self.residual[-1].bias)
+
+    @classmethod
+    def build(cls, new_dim: int, old_dim: int, config: ProjectionConfig, **fingerprints) -> Projection:
+        return cls(new_dim, old_dim, **asdict(config), **fingerprints)
+
+    def extended(self, new_embeddings: torch.Tensor) -> torch.Tensor:
+        """Unnormalised output including any extra (non-compatible) dimensions."""
+        if new_embeddings.shape[-1] != self.new_dim:
+            raise InputError(f"Projection expects new-space vectors of dimension {self.new_dim}, "
+                             f"got {new_embeddings.shape[-1]}. Was it trained for another new model?")
+        output = self.linear(new_embeddings)
+        if self.residual is not None:
+            output = output + self.residual(new_embeddings)
+        return output
+
+    def forward(self, new_embeddings: torch.Tensor) -> torch.Tensor:
+        """Normalised old-space vectors: the first ``old_dim`` coordinates, renormalised."""
+        return nn.functional.normalize(self.extended(new_embeddings)[..., : self.old_dim], dim=-1)
+
+    def check_models(self, new_fingerprint: str | None = None, old_fingerprint: str | None = None) -> None:
+        """Raise :class:`FingerprintMismatchError` if ψ was made for other models than these."""
+        for role, expected, given in (("new", self.new_fingerprint, new_fingerprint),
+                                      ("old", self.old_fingerprint, old_fingerprint)):
+            if expected and given and expected != given:
+                raise FingerprintMismatchError(
+                    f"This projection was trained for the {role} model {expected}, but is being used with "
+                    f"{given}. Retrain it for this model or load the model it was made for."
+                )
+
+    @classmethod
+    def from_linear_map(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **fingerprints) -> Projection:
+        """A ``linear`` ψ with given weight ``(old_dim, new_dim)`` and bias (training-free baselines)."""
+        old_dim, new_dim = weight.shape
+        projection = cls(new_dim, old_dim, kind="linear", **fingerprints)
+        with torch.no_grad():
+            projection.linear.weight.copy_(weight)
+            projection.linear.bias.copy_(bias if bias is not None else torch.zeros(old_dim))
+        return projection
