@@ -87,3 +87,12 @@ def test_unknown_domain_and_missing_metadata_are_clear_errors(tmp_path):
         generate("faces", 1)
     with pytest.raises(InputError, match="no metadata.jsonl"):
         read_split(tmp_path)
+
+
+def test_the_stage2_pair_loader_reads_a_written_split(tmp_path):
+    from xbt.data.pairs import PairDataConfig, open_pairs
+
+    folder = write_split(tmp_path / "test", "patterns", 5, seed=0, split="test")
+    source = open_pairs(PairDataConfig(source=str(folder)))
+    assert source.format == "folder" and source.captions == read_split(folder)[1]
+    assert np.array_equal(np.asarray(source.images.load(2)), np.asarray(generate("patterns", 3, split="test")[0][2]))

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..backbones import DualEncoder, load_backbone
 from ..errors import InputError
 from ..images import ImageLike
+from ..losses import info_nce
 from .models import BUILDERS, TinyClipConfig, save_weights
 from .quality import evaluate_model, flatten_captions
 from .scenes import BenchmarkConfig, read_split, write_benchmark
@@ -102,16 +103,6 @@ def compact_token_embedding(model: nn.Module, token_ids: torch.Tensor) -> Iterat
         setattr(parent, attribute, full)
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                     logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch whose i-th image and i-th caption match."""
-    images = F.normalize(image_features, dim=-1)
-    texts = F.normalize(text_features, dim=-1)
-    logits = logit_scale.exp() * images @ texts.T
-    labels = torch.arange(len(logits))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
 def warmup_cosine(warmup_steps: int, total_steps: int):
     """Learning-rate multiplier: linear warm-up, then cosine decay to zero."""
     def factor(step: int) -> float:
@@ -122,7 +113,7 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on biases, norms, embeddings or the temperature)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
@@ -168,7 +159,7 @@ def train_contrastive(encoder: DualEncoder, images: Sequence[ImageLike] | torch.
     losses: list[float] = []
     start = time.perf_counter()
     with compact_token_embedding(model, tokens["input_ids"]):
-        optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+        optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps))
         batches = _batches(len(pixels), config.batch_size, generator)
         progress = tqdm(range(config.steps), desc=f"pretrain {encoder.backend}", unit="step",
@@ -176,9 +167,10 @@ def train_contrastive(encoder: DualEncoder, images: Sequence[ImageLike] | torch.
         for _ in progress:
             batch = next(batches)
             chosen = offsets[batch] + (torch.rand(len(batch), generator=generator) * counts[batch]).long()
-            loss = contrastive_loss(encoder.image_features(pixels[batch]),
-                                    encoder.text_features({key: value[chosen] for key, value in tokens.items()}),
-                                    model.logit_scale)
+            image_features = encoder.image_features(pixels[batch])
+            text_features = encoder.text_features({key: value[chosen] for key, value in tokens.items()})
+            loss = info_nce(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
+                            model.logit_scale.exp())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -244,7 +236,7 @@ def train_model(folder: str | Path, recipe: ModelRecipe, train_folder: str | Pat
     save_weights(encoder.model, recipe.backend, folder)
     result_summary = {k: v for k, v in asdict(result).items() if k != "losses"}
     record_path.write_text(json.dumps({"request": request, "reference": reference, "result": result_summary,
-                                       "fingerprint": load_backbone(reference).fingerprint}, indent=2))
+                                       "fingerprint": encoder.fingerprint}, indent=2))
     return reference
 
 
@@ -265,7 +257,7 @@ def fast_preset(domain: str = "shapes", seed: int = 0, backends: tuple[str, str]
     return PairPreset(
         data=BenchmarkConfig(domain=domain, train_images=2000, test_images=300, corpus_captions=5000, seed=seed),
         old=ModelRecipe(backends[0], TinyClipConfig(width=32, layers=1, heads=2, context_length=20, seed=seed),
-                        PretrainConfig(steps=80, batch_size=64, seed=seed), train_images=500),
+                        PretrainConfig(steps=150, batch_size=64, seed=seed), train_images=1000),
         new=ModelRecipe(backends[1], TinyClipConfig(width=64, layers=2, heads=2, context_length=20, seed=seed + 1),
                         PretrainConfig(steps=250, batch_size=64, seed=seed + 1)),
     )

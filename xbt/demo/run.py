@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from ..backbones import load_backbone
 from .pretrain import PairPreset, demo_preset, fast_preset, train_model
 from .quality import DIRECTIONS, evaluate_model
@@ -91,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default=DemoConfig.preset, choices=sorted(PRESETS),
                         help="'demo': full size (≈ 2–3 min on 2 cores); 'fast': the test suite's sizes")
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is much faster on an oversubscribed machine)")
     options = parser.parse_args(argv)
+    if options.threads:
+        torch.set_num_threads(options.threads)
     summary = run(DemoConfig(output=options.output, domain=options.domain, preset=options.preset, seed=options.seed))
     _print_summary(summary, options.output)
     return 0
