@@ -252,25 +252,47 @@ class PairPreset:
     new: ModelRecipe
 
 
-def fast_preset(domain: str = "shapes", seed: int = 0, backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
-    """For the test suite: about 30 s for data and both models on 2 CPU cores."""
-    return PairPreset(
-        data=BenchmarkConfig(domain=domain, train_images=2000, test_images=300, corpus_captions=5000, seed=seed),
-        old=ModelRecipe(backends[0], TinyClipConfig(width=32, layers=1, heads=2, context_length=20, seed=seed),
-                        PretrainConfig(steps=150, batch_size=64, seed=seed), train_images=1000),
-        new=ModelRecipe(backends[1], TinyClipConfig(width=64, layers=2, heads=2, context_length=20, seed=seed + 1),
-                        PretrainConfig(steps=250, batch_size=64, seed=seed + 1)),
-    )
+@dataclass(frozen=True)
+class PresetSizes:
+    """The numbers that differ between presets."""
+
+    train_images: int
+    test_images: int
+    corpus_captions: int
+    batch_size: int
+    old_width: int
+    old_layers: int
+    old_steps: int
+    old_train_images: int  # the OLD model sees only the first N training images
+    new_width: int
+    new_layers: int
+    new_steps: int
 
 
-def demo_preset(domain: str = "shapes", seed: int = 0, backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
-    """For ``xbt demo``: the sizes ENVIRONMENT.md found to give clearly different models (≈ 2 min)."""
+FAST = PresetSizes(train_images=2000, test_images=300, corpus_captions=5000, batch_size=64,
+                   old_width=32, old_layers=1, old_steps=150, old_train_images=1000,
+                   new_width=64, new_layers=2, new_steps=250)
+"""The test suite's pair: about 30–40 s for data and both models on 2 CPU cores."""
+
+DEMO = PresetSizes(train_images=20000, test_images=1000, corpus_captions=50000, batch_size=128,
+                   old_width=64, old_layers=2, old_steps=150, old_train_images=4000,
+                   new_width=96, new_layers=3, new_steps=600)
+"""``xbt demo``: the sizes ENVIRONMENT.md found to give clearly different models."""
+
+
+def make_preset(sizes: PresetSizes, domain: str = "shapes", seed: int = 0,
+                backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
+    """Data and OLD/NEW recipes of ``sizes``; ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
+    def recipe(backend: str, width: int, layers: int, steps: int, model_seed: int, images: int | None = None):
+        return ModelRecipe(backend, TinyClipConfig(width=width, layers=layers, heads=width // 32, context_length=20,
+                                                   seed=model_seed),
+                           PretrainConfig(steps=steps, batch_size=sizes.batch_size, seed=model_seed), images)
+
     return PairPreset(
-        data=BenchmarkConfig(domain=domain, train_images=20000, test_images=1000, corpus_captions=50000, seed=seed),
-        old=ModelRecipe(backends[0], TinyClipConfig(width=64, layers=2, heads=2, context_length=20, seed=seed),
-                        PretrainConfig(steps=150, batch_size=128, seed=seed), train_images=4000),
-        new=ModelRecipe(backends[1], TinyClipConfig(width=96, layers=3, heads=3, context_length=20, seed=seed + 1),
-                        PretrainConfig(steps=600, batch_size=128, seed=seed + 1)),
+        data=BenchmarkConfig(domain=domain, train_images=sizes.train_images, test_images=sizes.test_images,
+                             corpus_captions=sizes.corpus_captions, seed=seed),
+        old=recipe(backends[0], sizes.old_width, sizes.old_layers, sizes.old_steps, seed, sizes.old_train_images),
+        new=recipe(backends[1], sizes.new_width, sizes.new_layers, sizes.new_steps, seed + 1),
     )
 
 
@@ -296,8 +318,8 @@ def train_pair(root: str | Path, preset: PairPreset) -> TrainedPair:
 
 def tiny_pair(root: str | Path, domain: str = "shapes", seed: int = 0,
               backends: tuple[str, str] = ("open_clip", "hf")) -> TrainedPair:
-    """The test suite's OLD/NEW pair (fast preset); ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
-    return train_pair(root, fast_preset(domain, seed, backends))
+    """The test suite's OLD/NEW pair (:data:`FAST`); ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
+    return train_pair(root, make_preset(FAST, domain, seed, backends))
 
 
 def evaluate_pair(pair: TrainedPair, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 from ..backbones import load_backbone
-from .pretrain import PairPreset, demo_preset, fast_preset, train_model
+from .pretrain import DEMO, FAST, make_preset, train_model
 from .quality import DIRECTIONS, evaluate_model
 from .scenes import DOMAINS, read_split, write_benchmark
 
 logger = logging.getLogger(__name__)
 
-PRESETS = {"demo": demo_preset, "fast": fast_preset}
+PRESETS = {"demo": DEMO, "fast": FAST}
 
 
 @dataclass
@@ -44,7 +44,7 @@ class DemoConfig:
 def run(config: DemoConfig) -> dict:
     """Run every step (skipping the cached ones); returns the summary written to ``output/summary.json``."""
     output = Path(config.output)
-    preset: PairPreset = PRESETS[config.preset](config.domain, config.seed)
+    preset = make_preset(PRESETS[config.preset], config.domain, config.seed)
     summary: dict = {"config": asdict(config), "seconds": {}, "models": {}, "retrieval": {}}
 
     def step(name: str, function, *args):
