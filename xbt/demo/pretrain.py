@@ -12,7 +12,10 @@ Speed on a 2-core CPU (measured side by side with scripts/bench_pretrain.py):
   gradient and AdamW state over the full table roughly doubled the step time of a
   width-64 model; the saved model keeps the full vocabulary and tokenizer, so both
   backends still load through the ordinary reference path;
-- fp32: bf16 autocast was about 2× slower on this CPU.
+- fp32: bf16 autocast was about 2× slower on this CPU;
+- threads: on a machine shared with other jobs, 1 intra-op thread was several times
+  faster than 2 (``xbt demo --threads 1`` / ``OMP_NUM_THREADS=1``); training does not
+  change the caller's torch thread setting.
 """
 
 from __future__ import annotations
@@ -278,7 +281,7 @@ FAST = PresetSizes(train_images=2000, test_images=300, corpus_captions=5000, bat
 DEMO = PresetSizes(train_images=20000, test_images=1000, corpus_captions=50000, batch_size=128, learning_rate=1e-3,
                    old_width=64, old_layers=2, old_steps=150, old_train_images=4000,
                    new_width=96, new_layers=3, new_steps=600)
-"""``xbt demo``: the sizes ENVIRONMENT.md found to give clearly different models."""
+"""``xbt demo``: the sizes ENVIRONMENT.md found to give clearly different models (a few minutes on 2 cores)."""
 
 
 def make_preset(sizes: PresetSizes, domain: str = "shapes", seed: int = 0,
