@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .backbones import DualEncoder, load_backbone
 from .errors import FingerprintMismatchError, InputError, ModelLoadError, ModelReferenceError, XBTError
+from .model import AdapterConfig, XBTModel
 from .references import ModelRef, parse_reference
 
 try:
@@ -16,6 +17,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AdapterConfig",
     "DualEncoder",
     "FingerprintMismatchError",
     "InputError",
@@ -23,6 +25,7 @@ __all__ = [
     "ModelRef",
     "ModelReferenceError",
     "XBTError",
+    "XBTModel",
     "__version__",
     "load_backbone",
     "parse_reference",

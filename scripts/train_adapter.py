@@ -1,0 +1,11 @@
+"""Stage 2 (LoRA adapters + ψ) as a script: `python scripts/train_adapter.py ...` or `accelerate launch scripts/train_adapter.py ...`.
+
+Takes the same flags as `xbt train`, or one YAML/JSON config file.
+"""
+
+import sys
+
+from xbt.train.pair_stage import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Caption corpora for stage 1, read through 🤗 ``datasets``.
+
+A corpus comes from one of:
+
+- a plain text file (``.txt``): one caption per line;
+- a JSONL / JSON, CSV or Parquet file: the captions are the column named by ``column``;
+- a Hub dataset name (anything that is not an existing file): ``split`` and ``column``.
+
+Captions are stripped; empty or whitespace-only ones are dropped and counted, exact
+duplicates are removed (first occurrence kept, counted), and a seeded, held-out
+validation slice is chosen. Every problem (missing file, unreadable file, missing
+column, non-text column, empty corpus) is an :class:`~xbt.errors.InputError` raised
+before any encoding starts.
+
+Public API::
+
+    config = CaptionConfig(captions="captions.jsonl", column="caption", validation_size=0.05)
+    corpus = load_captions(config)          # -> CaptionCorpus
+    corpus.texts                            # all kept captions, in source order
+    corpus.train_indices, corpus.validation_indices   # disjoint, sorted
+    corpus.fingerprint                      # hash of the texts (keys the embedding cache)
+
+:func:`split_indices` recomputes the split from (count, validation_size, seed) alone,
+so a trainer that reads only the embedding cache gets the very same split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# file suffix -> datasets builder
+FILE_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class CaptionConfig:
+    """Where the captions come from and how the validation slice is held out."""
+
+    captions: str = field(default="", metadata={
+        "help": "caption corpus: a .txt (one caption per line), .jsonl/.json/.csv/.parquet file, or a Hub dataset name"})
+    column: str = field(default="text", metadata={"help": "column holding the captions (ignored for .txt)"})
+    split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+    validation_size: float = field(default=0.05, metadata={
+        "help": "held-out validation captions: a fraction (< 1) or a count (>= 1)"})
+    max_captions: int | None = field(default=None, metadata={"help": "keep only the first N usable captions"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the validation split"})
+
+
+@dataclass
+class CaptionCorpus:
+    """Deduplicated captions with a held-out validation slice and what was dropped."""
+
+    texts: list[str]
+    train_indices: np.ndarray
+    validation_indices: np.ndarray
+    source: str
+    dropped_empty: int
+    dropped_duplicates: int
+
+    @property
+    def fingerprint(self) -> str:
+        return texts_fingerprint(self.texts)
+
+    @property
+    def train(self) -> list[str]:
+        return [self.texts[i] for i in self.train_indices]
+
+    @property
+    def validation(self) -> list[str]:
+        return [self.texts[i] for i in self.validation_indices]
+
+    def summary(self) -> dict:
+        return {"source": self.source, "captions": len(self.texts), "train": len(self.train_indices),
+                "validation": len(self.validation_indices), "dropped_empty": self.dropped_empty,
+                "dropped_duplicates": self.dropped_duplicates, "fingerprint": self.fingerprint}
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """Order-sensitive hash of a list of texts (length-prefixed, so no two lists collide by joining)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return f"texts-{len(texts)}-{digest.hexdigest()[:16]}"
+
+
+def split_indices(count: int, validation_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, validation) index arrays, both sorted; validation_size is a fraction (< 1) or a count."""
+    if validation_size < 0:
+        raise InputError(f"validation_size must be >= 0, got {validation_size}.")
+    size = int(round(validation_size * count)) if validation_size < 1 else int(validation_size)
+    if validation_size > 0:
+        size = max(size, 1)
+    if size >= count:
+        raise InputError(f"A validation slice of {size} leaves no training captions out of {count}; "
+                         f"lower validation_size or provide more captions.")
+    permutation = np.random.default_rng(seed).permutation(count)
+    return np.sort(permutation[size:]), np.sort(permutation[:size])
+
+
+def read_raw_captions(source: str, column: str = "text", split: str = "train") -> list:
+    """The raw caption column of a file or Hub dataset, as a list (no cleaning)."""
+    import datasets
+
+    if not source:
+        raise InputError("No caption corpus given: pass a .txt/.jsonl/.csv/.parquet file or a Hub dataset name.")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise InputError(f"{source!r} is a directory; pass one caption file (.txt, .jsonl, .json, .csv, .parquet).")
+    if path.exists() or path.suffix.lower() in FILE_FORMATS:
+        if not path.is_file():
+            raise InputError(f"Caption file {str(path)!r} does not exist.")
+        builder = FILE_FORMATS.get(path.suffix.lower())
+        if builder is None:
+            raise InputError(f"Caption file {str(path)!r} has an unknown format; use one of "
+                             f"{', '.join(sorted(FILE_FORMATS))}.")
+        kwargs = {"data_files": {"train": str(path.resolve())}, "split": "train"}
+        if builder == "text":
+            column, kwargs["keep_linebreaks"] = "text", False
+        name, where = builder, f"file {str(path)!r}"
+    else:
+        name, kwargs, where = source, {"split": split}, f"Hub dataset {source!r} (split {split!r})"
+    datasets.disable_progress_bars()
+    try:
+        dataset = datasets.load_dataset(name, **kwargs)
+    except Exception as error:  # datasets raises many types for unreadable data
+        raise InputError(f"Could not read captions from {where}: {type(error).__name__}: {error}") from error
+    if column not in dataset.column_names:
+        raise InputError(f"{where} has no column {column!r}; its columns are {dataset.column_names}. "
+                         f"Pass the caption column with --column.")
+    return dataset[column]
+
+
+def clean_captions(raw: Sequence) -> tuple[list[str], int, int]:
+    """Strip, drop empty ones, drop exact duplicates: (texts, dropped_empty, dropped_duplicates)."""
+    seen: set[str] = set()
+    texts: list[str] = []
+    empty = duplicates = 0
+    for index, value in enumerate(raw):
+        if value is None:
+            empty += 1
+            continue
+        if not isinstance(value, str):
+            raise InputError(f"Caption #{index} is a {type(value).__name__} ({value!r}), not text; "
+                             f"is the caption column the right one?")
+        text = value.strip()
+        if not text:
+            empty += 1
+        elif text in seen:
+            duplicates += 1
+        else:
+            seen.add(text)
+            texts.append(text)
+    return texts, empty, duplicates
+
+
+def load_captions(config: CaptionConfig) -> CaptionCorpus:
+    """Read, clean and split a caption corpus; raises :class:`InputError` on any unusable input."""
+    raw = read_raw_captions(config.captions, config.column, config.split)
+    texts, empty, duplicates = clean_captions(raw)
+    if config.max_captions is not None:
+        texts = texts[: config.max_captions]
+    if not texts:
+        raise InputError(f"The caption corpus {config.captions!r} holds no usable captions "
+                         f"({len(raw)} rows, {empty} empty); check the file and the column {config.column!r}.")
+    train, validation = split_indices(len(texts), config.validation_size, config.split_seed)
+    corpus = CaptionCorpus(texts, train, validation, config.captions, empty, duplicates)
+    logger.info("Captions from %s: %d kept (%d train, %d validation), %d empty and %d duplicates dropped",
+                config.captions, len(texts), len(train), len(validation), empty, duplicates)
+    return corpus

@@ -1,0 +1,201 @@
+"""Evaluation report: metrics.json, a Markdown table and PNG plots (matrix heatmap, backfill curve, recall bars).
+
+The report is a plain JSON-serialisable dict (see :func:`cells_to_json` and
+:func:`xbt.evaluation.evaluate`), so a team can diff runs or feed them to a dashboard:
+
+    {"xbt_version", "models": {...}, "dataset": {...}, "search": {...}, "ks": [1, 5, 10],
+     "cells": [{"direction", "query", "gallery", "name", "recall": {"1": ...}, "compatible", "gap_recovered",
+                "exact_recall", "recall_loss"}, ...],
+     "backfill": {"text→image": {"query", "fractions", "seed", "replaceable", "recall": {"1": [...]}}}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .retrieval import DIRECTIONS, CellResult  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+PLOTS = {"matrix": "matrix.png", "backfill": "backfill.png", "recall_bars": "recall_bars.png"}
+
+
+def _per_k(values: dict | None) -> dict[str, object] | None:
+    return None if values is None else {str(k): v for k, v in values.items()}
+
+
+def cells_to_json(cells: list[CellResult]) -> list[dict]:
+    """Cells as JSON objects (K as string keys); approximate searches get ``recall_loss`` = exact − approximate."""
+    out = []
+    for cell in cells:
+        entry = {"direction": cell.direction, "query": cell.query, "gallery": cell.gallery, "name": cell.name,
+                 "recall": _per_k(cell.recall), "compatible": _per_k(cell.compatible),
+                 "gap_recovered": _per_k(cell.gap_recovered), **cell.extra}
+        if cell.exact_recall is not None:
+            entry["exact_recall"] = _per_k(cell.exact_recall)
+            entry["recall_loss"] = {str(k): cell.exact_recall[k] - cell.recall[k] for k in cell.recall}
+        out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "✓" if value else "✗"
+    return f"{value:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: models, data, one matrix table per direction, the backfill table."""
+    ks = [str(k) for k in report["ks"]]
+    lines = ["# Cross-model retrieval evaluation", ""]
+    for role, info in report.get("models", {}).items():
+        described = ", ".join(f"{key} `{value}`" for key, value in info.items() if value is not None)
+        lines.append(f"- **{role}**: {described}")
+    dataset = report.get("dataset", {})
+    if dataset:
+        lines.append("- **data**: " + ", ".join(f"{key} {value}" for key, value in dataset.items()
+                                               if not isinstance(value, (dict, list))))
+    for name, stored in dataset.get("stored", {}).items():
+        lines.append(f"- **stored {name}**: {stored['items']} vectors of dimension {stored['dim']}")
+    search = report.get("search", {})
+    lines += [f"- **search**: {', '.join(f'{k} {v}' for k, v in search.items())}", ""]
+    lines += ["Recall@K in percent. *compatible*: beats old→old at that K. *gap*: share of the old→new gap "
+              "recovered, (R − R(old→old)) / (R(new→new) − R(old→old)).", ""]
+    approximate = any("exact_recall" in cell for cell in report["cells"])
+    for direction in DIRECTIONS:
+        cells = [cell for cell in report["cells"] if cell["direction"] == direction]
+        if not cells:
+            continue
+        header = ["cell"] + [f"R@{k}" for k in ks] + ["compatible"] + [f"gap@{k}" for k in ks]
+        if approximate:
+            header += [f"exact R@{k}" for k in ks]
+        lines += [f"## {direction}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for cell in cells:
+            compatible = cell["compatible"]
+            row = [f"`{cell['name']}`"] + [_fmt(cell["recall"][k]) for k in ks]
+            row.append("–" if compatible is None else " ".join(_fmt(compatible[k]) for k in ks))
+            gap = cell["gap_recovered"] or {}
+            row += [_fmt(gap.get(k), 2) for k in ks]
+            if approximate:
+                exact = cell.get("exact_recall") or {}
+                row += [_fmt(exact.get(k)) for k in ks]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    for direction, curve in report.get("backfill", {}).items():
+        lines += [f"## Backfill, {direction} (queries `{curve['query']}`, {curve['replaceable']} re-embeddable "
+                  f"items, seed {curve['seed']})", "",
+                  "| p | " + " | ".join(f"R@{k}" for k in curve["recall"]) + " |",
+                  "|---|" + "---|" * len(curve["recall"])]
+        for index, fraction in enumerate(curve["fractions"]):
+            lines.append(f"| {fraction:.1f} | " + " | ".join(_fmt(values[index]) for values in curve["recall"].values())
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------
+def _directions(report: dict) -> list[str]:
+    return [d for d in DIRECTIONS if any(cell["direction"] == d for cell in report["cells"])]
+
+
+def plot_matrix(report: dict, path: Path, k: int | None = None) -> None:
+    """Heatmap of Recall@k, query spaces × gallery spaces, one panel per direction (blank = not evaluated)."""
+    k = str(k or report["ks"][0])
+    directions = _directions(report)
+    figure, axes = plt.subplots(1, len(directions), figsize=(5.5 * len(directions), 4.5), squeeze=False)
+    for axis, direction in zip(axes[0], directions):
+        cells = [cell for cell in report["cells"] if cell["direction"] == direction]
+        queries = list(dict.fromkeys(cell["query"] for cell in cells))
+        galleries = list(dict.fromkeys(cell["gallery"] for cell in cells))
+        grid = np.full((len(queries), len(galleries)), np.nan)
+        for cell in cells:
+            grid[queries.index(cell["query"]), galleries.index(cell["gallery"])] = cell["recall"][k]
+        top = max(1.0, float(np.nanmax(grid)))
+        image = axis.imshow(grid, cmap="viridis", vmin=0, vmax=top)
+        for (row, column), value in np.ndenumerate(grid):
+            if not np.isnan(value):  # dark text on the bright end of viridis
+                axis.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=9,
+                          color="black" if value > 0.6 * top else "white")
+        axis.set_xticks(range(len(galleries)), galleries)
+        axis.set_yticks(range(len(queries)), queries)
+        axis.set_xlabel("gallery space")
+        axis.set_ylabel("query space")
+        axis.set_title(f"{direction}, R@{k} (%)")
+        figure.colorbar(image, ax=axis, shrink=0.8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_backfill(report: dict, path: Path) -> None:
+    """Recall against the re-embedded fraction p, one line per direction and K."""
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for direction, curve in report.get("backfill", {}).items():
+        for k, values in curve["recall"].items():
+            axis.plot(curve["fractions"], values, marker="o", label=f"{direction} R@{k} ({curve['query']} queries)")
+    axis.set_xlabel("fraction of the gallery re-embedded (p)")
+    axis.set_ylabel("Recall@K (%)")
+    axis.set_title("Backfill curve")
+    axis.set_xlim(0, 1)
+    axis.grid(alpha=0.3)
+    if axis.lines:
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_recall_bars(report: dict, path: Path) -> None:
+    """Grouped bars: every cell's Recall@K, one panel per direction, old→old marked as a dashed line."""
+    directions = _directions(report)
+    ks = [str(k) for k in report["ks"]]
+    figure, axes = plt.subplots(len(directions), 1, figsize=(9, 3.8 * len(directions)), squeeze=False)
+    for axis, direction in zip(axes[:, 0], directions):
+        cells = [cell for cell in report["cells"] if cell["direction"] == direction]
+        width = 0.8 / len(ks)
+        positions = np.arange(len(cells))
+        for offset, k in enumerate(ks):
+            axis.bar(positions + offset * width, [cell["recall"][k] for cell in cells], width, label=f"R@{k}")
+        for cell in cells:
+            if cell["name"] == "old→old":
+                for offset, k in enumerate(ks):
+                    axis.axhline(cell["recall"][k], color=f"C{offset}", linestyle="--", linewidth=0.8)
+        axis.set_xticks(positions + 0.4 - width / 2, [cell["name"] for cell in cells], rotation=30, ha="right")
+        axis.set_ylabel("Recall@K (%)")
+        axis.set_title(f"{direction} (dashed: old→old)")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(report: dict, output: str | Path) -> dict[str, Path]:
+    """Write metrics.json, report.md and the PNG plots into ``output``; returns their paths by kind."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": output / "metrics.json", "markdown": output / "report.md"}
+    paths["metrics"].write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    paths["markdown"].write_text(markdown(report))
+    plot_matrix(report, output / PLOTS["matrix"])
+    plot_recall_bars(report, output / PLOTS["recall_bars"])
+    paths.update(matrix=output / PLOTS["matrix"], recall_bars=output / PLOTS["recall_bars"])
+    if report.get("backfill"):
+        plot_backfill(report, output / PLOTS["backfill"])
+        paths["backfill"] = output / PLOTS["backfill"]
+    logger.info("Report written to %s", output)
+    return paths

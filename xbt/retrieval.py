@@ -1,0 +1,461 @@
+"""Retrieval with faiss: top-K search, Recall@K, the compatibility matrix and the backfill curve.
+
+Conventions (see DESIGN.md, "Metrics, exactly"):
+
+* Every query and every gallery item carries an integer *label*. A gallery item is
+  relevant to a query when their labels are equal. text→image: a caption's label is
+  its image's id and each gallery image has its own id. image→text: an image's label
+  is its id and each gallery caption carries the id of the image it describes, so a
+  query hits when ANY caption of its image is in the top K. Gallery items whose label
+  no query has (distractors, e.g. the rest of a production gallery) are allowed.
+* Scores are inner products of L2-normalised float32 vectors (cosine similarity).
+* Ties are broken deterministically: among equal scores the LOWER gallery row wins.
+  faiss returns ties in no guaranteed order, so every result is re-sorted by
+  (score descending, row ascending), and exact searches are widened until the tie
+  group at the K-th place is complete. Identical captions therefore rank in gallery order.
+* K larger than the gallery is clipped to the gallery size (Recall@K is then 100 %).
+* Galleries are searched in shards of at most ``shard_rows`` rows (memory-mapped
+  ``.npy`` works), each shard's canonical top-K merged into the running top-K. Under
+  the total order above the merge is exact: sharded search equals unsharded search.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DIRECTIONS = ("text→image", "image→text")
+DEFAULT_KS = (1, 5, 10)
+EXACT = "Flat"
+SHARD_BYTES = 1 << 30  # default shard: 1 GiB of float32 gallery rows
+TIE_MARGIN = 16  # extra results fetched so that most tie groups are complete on the first try
+VALIDATION_ROWS = 1 << 16
+MISS = np.iinfo(np.int64).max  # rank of a query whose relevant items are all outside the results
+
+
+@dataclass
+class SearchConfig:
+    """How galleries are searched.
+
+    Attributes:
+        index_factory: faiss index-factory string; ``"Flat"`` is exact inner product. Approximate
+            ones (``"IVF256,Flat"``, ``"HNSW32"``, ``"IVF256,PQ16"``) are trained per shard on the
+            shard itself and always reported next to exact search.
+        search_parameters: faiss ``ParameterSpace`` string for approximate indexes, e.g. ``"nprobe=16"``.
+        shard_rows: gallery rows per shard; ``None`` = as many as fit in 1 GiB.
+        query_batch: queries per faiss call.
+        gpu: use faiss GPU; ``None`` = when ``faiss.get_num_gpus() > 0``.
+        progress: tqdm bars; ``None`` = only for large searches.
+    """
+
+    index_factory: str = EXACT
+    search_parameters: str | None = None
+    shard_rows: int | None = None
+    query_batch: int = 8192
+    gpu: bool | None = None
+    progress: bool | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.index_factory.replace(" ", "") in ("Flat", "IDMap,Flat")
+
+    def exact_version(self) -> SearchConfig:
+        """The same search with an exact index."""
+        return SearchConfig(EXACT, None, self.shard_rows, self.query_batch, self.gpu, self.progress)
+
+
+@dataclass
+class Labeled:
+    """Vectors (rows; ``np.ndarray`` or ``np.memmap``) and one integer label per row."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.vectors.ndim != 2 or self.labels.shape != (self.vectors.shape[0],):
+            raise InputError(f"Got {self.vectors.shape} vectors but {self.labels.shape} labels; "
+                             f"need a 2-D array and one label per row.")
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+@dataclass
+class SearchResult:
+    """Top-K rows of the gallery per query, best first: ``scores`` float32 and ``rows`` int64 (−1 = none)."""
+
+    scores: np.ndarray
+    rows: np.ndarray
+
+
+@dataclass
+class CellResult:
+    """One cell ``query→gallery`` of the matrix in one direction; recall in percent per K."""
+
+    direction: str
+    query: str
+    gallery: str
+    recall: dict[int, float]
+    exact_recall: dict[int, float] | None = None  # set when an approximate index was used
+    compatible: dict[int, bool] | None = None
+    gap_recovered: dict[int, float | None] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.query}→{self.gallery}"
+
+
+# ---------------------------------------------------------------------------------
+# Input validation (runs before any search)
+# ---------------------------------------------------------------------------------
+def _row_blocks(count: int, rows: int) -> Iterator[slice]:
+    for start in range(0, count, rows):
+        yield slice(start, min(start + rows, count))
+
+
+def check_vectors(vectors: np.ndarray, what: str) -> None:
+    """Raise :class:`InputError` unless ``vectors`` is a non-empty 2-D array of finite, non-zero rows.
+
+    Reads a memory-mapped array block by block, so it works for galleries larger than memory.
+    """
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
+        raise InputError(f"{what}: expected a 2-D array (rows = vectors), got "
+                         f"{getattr(vectors, 'shape', type(vectors).__name__)}.")
+    if vectors.shape[0] == 0 or vectors.shape[1] == 0:
+        raise InputError(f"{what} is empty ({vectors.shape}); it needs at least one vector.")
+    if not (np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)):
+        raise InputError(f"{what}: vectors must be numbers, got dtype {vectors.dtype}.")
+    for block in _row_blocks(vectors.shape[0], VALIDATION_ROWS):
+        chunk = np.asarray(vectors[block], dtype=np.float32)
+        bad = ~np.isfinite(chunk).all(axis=1)
+        if bad.any():
+            rows = (np.flatnonzero(bad)[:5] + block.start).tolist()
+            raise InputError(f"{what}: {int(bad.sum())}+ vectors hold NaN or infinity (rows {rows}); "
+                             f"drop or re-compute them.")
+        zero = ~(np.abs(chunk) > 0).any(axis=1)
+        if zero.any():
+            rows = (np.flatnonzero(zero)[:5] + block.start).tolist()
+            raise InputError(f"{what}: {int(zero.sum())}+ vectors are all zeros (rows {rows}) and have no "
+                             f"direction to compare; drop them.")
+
+
+def check_pair(queries: Labeled, gallery: Labeled, what: str, vectors: bool = True) -> None:
+    """Check a query set and a gallery before searching one with the other (``vectors=False``: only
+    dimensions and ids, for vectors already checked with :func:`check_vectors`)."""
+    if vectors:
+        check_vectors(queries.vectors, f"{what}: queries")
+        check_vectors(gallery.vectors, f"{what}: gallery")
+    if queries.dim != gallery.dim:
+        raise InputError(f"{what}: queries have dimension {queries.dim} but the gallery has {gallery.dim}; "
+                         f"a gallery must be searched with queries from the same embedding space.")
+    missing = np.setdiff1d(np.unique(queries.labels), gallery.labels)
+    if missing.size:
+        raise InputError(f"{what}: {missing.size} query ids have no item in the gallery (e.g. "
+                         f"{missing[:5].tolist()}); the ids of the queries must line up with the gallery's ids.")
+
+
+def normalized(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, C-contiguous float32. Rows already of unit length (within 1e-6, as
+    encoders emit them) are left exactly as they are, row by row, so the result of a row never depends
+    on its neighbours (shards); when all are, nothing is copied (a memory map is read in once)."""
+    array = np.asarray(vectors, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", array, array))  # one pass, no temporary of the array's size
+    scale = np.where(np.abs(norms - 1.0) <= 1e-6, np.float32(1.0), norms)
+    if np.all(scale == 1.0):
+        return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array / scale[:, None])
+
+
+# ---------------------------------------------------------------------------------
+# Search
+# ---------------------------------------------------------------------------------
+def _canonical(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each result row by (score descending, gallery row ascending); missing (−1) last."""
+    missing = rows < 0
+    order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, rows),
+                        np.where(missing, np.inf, -scores.astype(np.float64))), axis=-1)
+    return np.take_along_axis(scores, order, -1), np.take_along_axis(rows, order, -1)
+
+
+def uses_gpu(config: SearchConfig) -> bool:
+    """Whether searches with ``config`` run on faiss GPU."""
+    available = getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    if config.gpu and not available:
+        raise InputError("SearchConfig.gpu=True but faiss sees no GPU (is faiss-gpu installed?).")
+    return available if config.gpu is None else config.gpu
+
+
+def _build_index(shard: np.ndarray, config: SearchConfig) -> faiss.Index:
+    try:
+        index = faiss.index_factory(shard.shape[1], config.index_factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(shard)
+        index.add(shard)
+        if config.search_parameters:
+            faiss.ParameterSpace().set_index_parameters(index, config.search_parameters)
+    except RuntimeError as error:  # faiss reports bad strings and too-small training sets this way
+        message = str(error).strip().splitlines()[-1]
+        raise InputError(f"faiss could not build {config.index_factory!r} (parameters {config.search_parameters!r}) "
+                         f"on a shard of {shard.shape[0]} × {shard.shape[1]} vectors: {message}. Check the "
+                         f"index-factory string, use fewer lists for small galleries, or larger shards.") from error
+    if uses_gpu(config):
+        try:
+            index = faiss.index_cpu_to_all_gpus(index)
+        except RuntimeError:  # e.g. HNSW has no GPU implementation
+            logger.warning("faiss GPU cannot hold a %r index; searching it on the CPU", config.index_factory)
+    return index
+
+
+def _search_shard(index: faiss.Index, queries: np.ndarray, k: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical top-``k`` of one shard; exact search widens until the tie group at place k is complete."""
+    size = index.ntotal
+    wanted = min(k + TIE_MARGIN, size)
+    while True:
+        scores, rows = _canonical(*index.search(queries, wanted))
+        if not exact or wanted == size:
+            break
+        # The k-th score also sits at the last fetched place: equal scores may have been cut off.
+        if not (scores[:, -1] == scores[:, k - 1]).any():
+            break
+        wanted = min(2 * wanted, size)  # whole batch again: same query count, same arithmetic path
+    return scores[:, :k], rows[:, :k]
+
+
+def _merge(best: tuple[np.ndarray, np.ndarray] | None, scores: np.ndarray, rows: np.ndarray,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    if best is not None:
+        scores, rows = np.concatenate([best[0], scores], 1), np.concatenate([best[1], rows], 1)
+    scores, rows = _canonical(scores, rows)
+    return scores[:, :k], rows[:, :k]
+
+
+def shard_rows_for(dim: int, config: SearchConfig) -> int:
+    return config.shard_rows or max(1, SHARD_BYTES // (4 * dim))
+
+
+def search(queries: np.ndarray, gallery: np.ndarray | PartlyReplaced, k: int, config: SearchConfig | None = None,
+           desc: str = "search") -> SearchResult:
+    """Top-``k`` gallery rows for each query by inner product of normalised vectors.
+
+    ``gallery`` may be a memory-mapped array (or anything with ``shape`` and row slicing): it is
+    read one shard at a time. Vectors are
+    L2-normalised here (inputs need not be). Validate inputs with :func:`check_vectors` first.
+    """
+    config = config or SearchConfig()
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}.")
+    count, dim = gallery.shape
+    k = min(k, count)
+    queries = normalized(queries)
+    shard = shard_rows_for(dim, config)
+    shards = list(_row_blocks(count, shard))
+    batches = list(_row_blocks(queries.shape[0], config.query_batch))
+    show = (queries.shape[0] * count >= 10**9) if config.progress is None else config.progress
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(batches)
+    with tqdm(total=len(shards) * len(batches), desc=desc, unit="block", disable=not show) as bar:
+        for block in shards:
+            index = _build_index(normalized(gallery[block]), config)
+            for number, batch in enumerate(batches):
+                scores, rows = _search_shard(index, queries[batch], k, config.exact)
+                rows = np.where(rows >= 0, rows + block.start, -1)
+                results[number] = _merge(results[number], scores, rows, k)
+                bar.update(1)
+            del index
+    return SearchResult(np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]))
+
+
+# ---------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------
+def first_hit_rank(result: SearchResult, query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """0-based rank of the first relevant gallery item per query; :data:`MISS` when none is in the results."""
+    found = result.rows >= 0
+    labels = np.where(found, np.asarray(gallery_labels)[np.where(found, result.rows, 0)], -1)
+    relevant = found & (labels == np.asarray(query_labels)[:, None])
+    return np.where(relevant.any(1), relevant.argmax(1), MISS)
+
+
+def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """Recall@K in percent for each K (a hit when the first relevant item ranks below K)."""
+    return {int(k): 100.0 * int((ranks < k).sum()) / len(ranks) for k in ks}
+
+
+def recall_at_k(queries: Labeled, gallery: Labeled, ks: Sequence[int] = DEFAULT_KS,
+                config: SearchConfig | None = None, desc: str = "search", validate: bool = True) -> dict[int, float]:
+    """Recall@K (percent) of ``queries`` against ``gallery``; inputs are validated first unless told not to."""
+    if validate:
+        check_pair(queries, gallery, desc)
+    result = search(queries.vectors, gallery.vectors, max(ks), config, desc)
+    return recall_from_ranks(first_hit_rank(result, queries.labels, gallery.labels), ks)
+
+
+def evaluate_cell(direction: str, query: str, gallery: str, queries: Labeled, items: Labeled,
+                  ks: Sequence[int] = DEFAULT_KS, config: SearchConfig | None = None,
+                  validate: bool = True) -> CellResult:
+    """One cell; with an approximate index also the exact recall, so its loss can be reported."""
+    config = config or SearchConfig()
+    desc = f"{direction} {query}→{gallery}"
+    cell = CellResult(direction, query, gallery, recall_at_k(queries, items, ks, config, desc, validate))
+    if not config.exact:
+        cell.exact_recall = recall_at_k(queries, items, ks, config.exact_version(), desc + " (exact)", False)
+    return cell
+
+
+def score_against_reference(cells: list[CellResult], old: str = "old", new: str = "new") -> None:
+    """Fill in, for every cell searching the ``old`` gallery, the compatibility criterion and the gap recovered.
+
+    Compatible: R@K(cell) > R@K(old→old). Gap recovered: (R(cell) − R(old→old)) / (R(new→new) − R(old→old)),
+    ``None`` when new→new is missing or equals old→old.
+    """
+    by_name = {(c.direction, c.name): c for c in cells}
+    for cell in cells:
+        baseline = by_name.get((cell.direction, f"{old}→{old}"))
+        if cell.gallery != old or cell.query == old or baseline is None:
+            continue
+        upper = by_name.get((cell.direction, f"{new}→{new}"))
+        cell.compatible = {k: cell.recall[k] > baseline.recall[k] for k in cell.recall}
+        cell.gap_recovered = {}
+        for k in cell.recall:
+            span = None if upper is None else upper.recall[k] - baseline.recall[k]
+            cell.gap_recovered[k] = None if not span else (cell.recall[k] - baseline.recall[k]) / span
+
+
+# ---------------------------------------------------------------------------------
+# Backfill curve
+# ---------------------------------------------------------------------------------
+def backfill_order(count: int, seed: int) -> np.ndarray:
+    """The order in which replaceable gallery items are re-embedded (nested subsets for growing p)."""
+    return np.random.default_rng(seed).permutation(count)
+
+
+class PartlyReplaced:
+    """A gallery with some rows replaced, read one shard at a time (never materialised whole)."""
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray, vectors: np.ndarray):
+        order = np.argsort(rows)
+        self.base, self.rows, self.vectors = base, np.asarray(rows)[order], np.asarray(vectors)[order]
+        self.shape = base.shape
+
+    def __getitem__(self, block: slice) -> np.ndarray:
+        out = np.array(self.base[block], dtype=np.float32)
+        low, high = np.searchsorted(self.rows, [block.start, block.stop])
+        out[self.rows[low:high] - block.start] = self.vectors[low:high]
+        return out
+
+
+def backfill_curve(queries: Labeled, old_gallery: Labeled, reembedded: np.ndarray,
+                   replaceable_rows: np.ndarray | None = None,
+                   fractions: Sequence[float] = tuple(i / 10 for i in range(11)), seed: int = 0,
+                   ks: Sequence[int] = DEFAULT_KS, config: SearchConfig | None = None) -> dict:
+    """Recall when a fraction p of the gallery has been re-embedded (the rest left old).
+
+    ``reembedded[i]`` is the new-space embedding of gallery row ``replaceable_rows[i]`` (default:
+    every row, in order). For each p the first ``round(p · n)`` items of a seeded permutation are
+    replaced, so larger p re-embeds a superset of smaller p.
+    """
+    rows = np.arange(len(old_gallery)) if replaceable_rows is None else np.asarray(replaceable_rows)
+    if reembedded.shape != (len(rows), old_gallery.dim):
+        raise InputError(f"Backfill: {reembedded.shape} re-embedded vectors for {len(rows)} replaceable "
+                         f"gallery rows of dimension {old_gallery.dim}.")
+    bad = [p for p in fractions if not 0.0 <= p <= 1.0]
+    if bad:
+        raise InputError(f"Backfill fractions must lie in [0, 1]; got {bad}.")
+    check_vectors(reembedded, "Backfill: re-embedded gallery")
+    check_pair(queries, old_gallery, "Backfill")
+    order = backfill_order(len(rows), seed)
+    recall: dict[int, list[float]] = {int(k): [] for k in ks}
+    for p in tqdm(fractions, desc="backfill", unit="step", disable=len(old_gallery) < 100_000):
+        chosen = order[:int(math.floor(p * len(rows) + 0.5))]
+        mixed = PartlyReplaced(old_gallery.vectors, rows[chosen], reembedded[chosen])
+        result = search(queries.vectors, mixed, max(ks), config, f"backfill p={p:.1f}")
+        for k, value in recall_from_ranks(first_hit_rank(result, queries.labels, old_gallery.labels), ks).items():
+            recall[k].append(value)
+    return {"fractions": [float(p) for p in fractions], "seed": seed, "replaceable": int(len(rows)),
+            "recall": recall}
+
+
+# ---------------------------------------------------------------------------------
+# Stored embeddings (the user's own gallery and query sets)
+# ---------------------------------------------------------------------------------
+def _read_ids(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        ids = np.load(path, allow_pickle=False)
+    else:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            ids = np.array([int(line) for line in lines], dtype=np.int64)
+        except ValueError as error:
+            raise InputError(f"Ids file {str(path)!r} must hold one integer per line ({error}).") from error
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"Ids in {str(path)!r} must be a 1-D integer array, got {ids.dtype} {ids.shape}.")
+    return ids.astype(np.int64)
+
+
+def _read_faiss(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    outer = faiss.read_index(str(path))
+    index, ids = outer, None
+    if hasattr(outer, "id_map"):  # IndexIDMap(2): keep `outer` alive, it owns the inner index
+        ids = faiss.vector_to_array(outer.id_map).astype(np.int64)
+        index = faiss.downcast_index(outer.index)
+    try:
+        if hasattr(index, "make_direct_map"):
+            index.make_direct_map()
+        vectors = index.reconstruct_n(0, index.ntotal)
+    except RuntimeError as error:
+        raise InputError(f"Cannot read the vectors back from faiss index {str(path)!r} ({error}); "
+                         f"store the gallery as .npy or a Flat/IVF index.") from error
+    return vectors, ids
+
+
+def load_embeddings(path: str | Path, ids: str | Path | None = None, mmap: bool = True) -> Labeled:
+    """Read stored embeddings with their ids.
+
+    ``.npy`` (memory-mapped), ``.safetensors`` (tensor ``embeddings``, optional int tensor ``ids``) or a
+    faiss index (``.faiss``/``.index``; ids from an ``IndexIDMap``). ``ids`` names a separate ids file
+    (``.npy`` or text, one integer per line) and overrides stored ids; without any, ids are the row numbers.
+    Vectors are validated (finite, non-zero) here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Embeddings file {str(path)!r} does not exist.")
+    stored_ids = None
+    if path.suffix == ".npy":
+        vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    elif path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        if "embeddings" not in tensors:
+            raise InputError(f"{str(path)!r} holds tensors {sorted(tensors)}; xbt expects one named 'embeddings' "
+                             f"(and optionally 'ids').")
+        vectors, stored_ids = tensors["embeddings"], tensors.get("ids")
+    elif path.suffix in (".faiss", ".index"):
+        vectors, stored_ids = _read_faiss(path)
+    else:
+        raise InputError(f"Unknown embeddings format {path.suffix!r} ({str(path)!r}); use .npy, .safetensors, "
+                         f"or a faiss index saved as .faiss/.index.")
+    check_vectors(vectors, str(path))
+    labels = _read_ids(Path(ids)) if ids is not None else stored_ids
+    if labels is None:
+        labels = np.arange(vectors.shape[0], dtype=np.int64)
+    if len(labels) != vectors.shape[0]:
+        raise InputError(f"{str(path)!r} holds {vectors.shape[0]} vectors but {len(labels)} ids; "
+                         f"there must be one id per vector.")
+    return Labeled(vectors, labels)
