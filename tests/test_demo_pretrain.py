@@ -18,7 +18,8 @@ SHORT = PretrainConfig(steps=120, batch_size=64, learning_rate=2e-3, warmup_step
 
 @pytest.fixture(scope="module")
 def scenes():
-    return {"train": generate("shapes", 600, seed=0, split="train"), "test": generate("shapes", 200, seed=0, split="test")}
+    return {"train": generate("shapes", 600, seed=0, split="train"),
+            "test": generate("shapes", 200, seed=0, split="test")}
 
 
 def test_recall_counts_exact_hits():

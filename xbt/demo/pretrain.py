@@ -274,7 +274,7 @@ class PresetSizes:
 
 
 FAST = PresetSizes(train_images=2000, test_images=300, corpus_captions=5000, batch_size=64, learning_rate=2e-3,
-                   old_width=32, old_layers=1, old_steps=150, old_train_images=1000,
+                   old_width=32, old_layers=1, old_steps=250, old_train_images=1000,
                    new_width=64, new_layers=2, new_steps=250)
 """The test suite's pair: about 30–40 s for data and both models on 2 CPU cores."""
 
@@ -288,10 +288,11 @@ def make_preset(sizes: PresetSizes, domain: str = "shapes", seed: int = 0,
                 backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
     """Data and OLD/NEW recipes of ``sizes``; ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
     def recipe(backend: str, width: int, layers: int, steps: int, model_seed: int, images: int | None = None):
-        return ModelRecipe(backend, TinyClipConfig(width=width, layers=layers, heads=width // 32, context_length=20,
-                                                   seed=model_seed),
-                           PretrainConfig(steps=steps, batch_size=sizes.batch_size, learning_rate=sizes.learning_rate,
-                                          seed=model_seed), images)
+        model = TinyClipConfig(width=width, layers=layers, heads=max(2, width // 32), context_length=20,
+                               seed=model_seed)
+        training = PretrainConfig(steps=steps, batch_size=sizes.batch_size, learning_rate=sizes.learning_rate,
+                                  seed=model_seed)
+        return ModelRecipe(backend, model, training, images)
 
     return PairPreset(
         data=BenchmarkConfig(domain=domain, train_images=sizes.train_images, test_images=sizes.test_images,

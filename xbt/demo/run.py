@@ -74,7 +74,8 @@ def run(config: DemoConfig) -> dict:
 
 def _print_summary(summary: dict, output: str) -> None:
     for role, info in summary["models"].items():
-        print(f"{role:>4}: {info['reference']}\n      {info['parameters']:,} parameters, fingerprint {info['fingerprint']}")
+        print(f"{role:>4}: {info['reference']}")
+        print(f"      {info['parameters']:,} parameters, fingerprint {info['fingerprint']}")
     ks = next(iter(next(iter(summary["retrieval"].values())).values())).keys()
     print("\nRecall@K (%) on the test split:")
     print(f"{'cell':<10}{'direction':<13}" + "".join(f"{'R@' + str(k):>8}" for k in ks))
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="'demo': full size (≈ 2–3 min on 2 cores); 'fast': the test suite's sizes")
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is much faster on an oversubscribed machine)")
+                        help="torch CPU threads (default: torch's; 1 is much faster on an oversubscribed machine)")
     options = parser.parse_args(argv)
     if options.threads:
         torch.set_num_threads(options.threads)
