@@ -276,7 +276,7 @@ class PresetSizes:
 FAST = PresetSizes(train_images=2000, test_images=300, corpus_captions=5000, batch_size=64, learning_rate=2e-3,
                    old_width=32, old_layers=1, old_steps=150, old_train_images=1000,
                    new_width=64, new_layers=2, new_steps=250)
-"""The test suite's pair: about 30–40 s for data and both models on 2 CPU cores."""
+"""The test suite's pair: about 15–30 s for data and both models on 2 CPU cores (1 thread, shared machine)."""
 
 DEMO = PresetSizes(train_images=20000, test_images=1000, corpus_captions=50000, batch_size=128, learning_rate=1e-3,
                    old_width=64, old_layers=2, old_steps=150, old_train_images=4000,
