@@ -36,7 +36,7 @@ def cache(tmp_path_factory, tiny_encoders):
 def test_training_lowers_validation_loss_and_raises_recall(tmp_path, cache):
     train, validation = split_indices(cache.count, 200, seed=0)
     config = TextStageConfig(output_dir=str(tmp_path / "run"), epochs=6, batch_size=100, learning_rate=3e-3,
-                             checkpoint_every=0, cpu=True)
+                             init="random", checkpoint_every=0, cpu=True)
     summary = train_text_stage(cache, train, validation, config)
     untrained, trained = summary["untrained"], summary["validation"]
     assert trained["loss"] < untrained["loss"] - 0.5
@@ -61,11 +61,24 @@ def test_training_lowers_validation_loss_and_raises_recall(tmp_path, cache):
 def test_other_projection_kinds_and_losses_train(tmp_path, cache, kind):
     train, validation = split_indices(cache.count, 100, seed=1)
     config = TextStageConfig(output_dir=str(tmp_path / kind), epochs=2, batch_size=100, loss="cosine",
-                             noise_std=0.05, baselines="", checkpoint_every=0, cpu=True)
+                             noise_std=0.05, baselines="", init="random", checkpoint_every=0, cpu=True)
     extra = 8 if kind == "orthogonal" else 0
     summary = train_text_stage(cache, train, validation, config, ProjectionConfig(kind=kind, extra_dims=extra))
     assert summary["validation"]["loss"] < summary["untrained"]["loss"]
     assert Projection.from_pretrained(tmp_path / kind).extra_dims == extra and summary["baselines"] == {}
+
+
+def test_initialising_from_the_ridge_fit_starts_where_the_baseline_is(tmp_path, cache):
+    train, validation = split_indices(cache.count, 200, seed=0)
+    config = TextStageConfig(output_dir=str(tmp_path), epochs=10, batch_size=100, learning_rate=3e-3,
+                             baselines="ridge", checkpoint_every=0, cpu=True)
+    summary = train_text_stage(cache, train, validation, config)  # init 'auto': ridge for the mlp ψ
+    recalls = [f"R@{k}" for k in (1, 5, 10)]
+    assert [summary["untrained"][k] for k in recalls] == [summary["baselines"]["ridge"][k] for k in recalls]
+    assert summary["validation"]["R@1"] > summary["untrained"]["R@1"]  # and training improves on it
+    with pytest.raises(InputError, match="use init='random' for 'orthogonal'"):
+        train_text_stage(cache, train, validation, TextStageConfig(output_dir=str(tmp_path / "o"), init="procrustes",
+                                                                   cpu=True), ProjectionConfig(kind="orthogonal"))
 
 
 def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path, cache):
@@ -80,6 +93,8 @@ def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path, cache):
 def test_bad_configurations_are_clear_errors(tmp_path, cache):
     with pytest.raises(InputError, match="loss must be one of"):
         TextStageConfig(loss="hinge")
+    with pytest.raises(InputError, match="init must be"):
+        TextStageConfig(init="zeros")
     with pytest.raises(InputError, match="Unknown baselines"):
         TextStageConfig(baselines="procrustes,pca")
     train, _ = split_indices(cache.count, 100, seed=0)
@@ -173,7 +188,7 @@ def test_accelerate_launch_with_two_processes(tmp_path, tiny_refs, corpus_file):
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               str(REPO / "scripts" / "pretrain_text.py")]
     args = cli_args(tiny_refs, corpus_file, tmp_path / "cache", tmp_path / "out", "--epochs", "4", "--shard_size",
-                    "300", "--learning_rate", "3e-3")
+                    "300", "--learning_rate", "3e-3", "--init", "random")
     result = subprocess.run(launch + args, env=environment(ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

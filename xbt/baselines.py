@@ -25,17 +25,17 @@ from .projection import Projection
 
 logger = logging.getLogger(__name__)
 
-CHUNK_ROWS = 65536
+CHUNK_ROWS = 8192  # rows per streamed chunk: 8192 x 512 float64 = 32 MiB per side
 
 
-def _chunks(new, old, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _chunks(new, old) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     if len(new) != len(old):
         raise InputError(f"Baselines need paired embeddings: {len(new)} new vs {len(old)} old rows.")
     if len(new) == 0:
         raise InputError("Baselines need at least one (new, old) pair.")
-    for start in range(0, len(new), chunk_rows):
-        yield (np.asarray(new[start:start + chunk_rows], dtype=np.float64),
-               np.asarray(old[start:start + chunk_rows], dtype=np.float64))
+    for start in range(0, len(new), CHUNK_ROWS):
+        yield (np.asarray(new[start:start + CHUNK_ROWS], dtype=np.float64),
+               np.asarray(old[start:start + CHUNK_ROWS], dtype=np.float64))
 
 
 def fit_procrustes(new, old, **fingerprints) -> Projection:

@@ -37,12 +37,14 @@ On disk::
 Writing is resumable and atomic: each shard is written to a temporary file, fsynced
 and renamed, so a shard file is either complete or absent; a killed build continues
 from the shards that exist. Shard ``i`` always covers the same rows, so under
-``accelerate launch`` (pass ``process=Accelerator()`` or ``PartialState()``) process
+``accelerate launch`` (pass ``process=accelerator``; on CPU create it as
+``Accelerator(cpu=True)`` or set ``ACCELERATE_USE_CPU=true``, see ENVIRONMENT.md) process
 ``r`` encodes the shards ``i % num_processes == r`` and the main process writes the
 manifest once all shards exist, whatever the number of processes was before a resume.
 
 Reading is memory-mapped: shards are safetensors files (nothing is unpickled) whose
-tensor data is mapped with :class:`numpy.memmap`, so a cache larger than RAM works.
+tensor data is mapped read-only (one ``mmap`` per shard, advised for random access, viewed
+as numpy arrays without copying), so a cache larger than RAM works.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 import time
@@ -155,17 +158,24 @@ def _read_header(path: Path) -> tuple[int, dict]:
         return 8 + length, json.loads(handle.read(length))
 
 
-def _memmap_tensors(path: Path) -> tuple[dict[str, np.memmap], dict[str, str]]:
-    """Memory-map every tensor of a safetensors file (read-only); returns (arrays, metadata)."""
+def _memmap_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Memory-map every tensor of a safetensors file (read-only arrays over one mmap); returns (arrays, metadata)."""
     data_start, header = _read_header(path)
     metadata = header.pop("__metadata__", {}) or {}
+    with path.open("rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):
+        # training gathers scattered rows: kernel read-ahead would read ~100x more than is used
+        mapping.madvise(mmap.MADV_RANDOM)
     arrays = {}
     for name, entry in header.items():
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise InputError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, not float16/float32.")
         begin, _ = entry["data_offsets"]
-        arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=tuple(entry["shape"]))
+        shape = tuple(entry["shape"])
+        array = np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape)), offset=data_start + begin)
+        arrays[name] = array.reshape(shape)
     return arrays, metadata
 
 

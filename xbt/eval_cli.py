@@ -18,14 +18,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from .errors import InputError, XBTError
-from .evaluation import BlendedText, EvalConfig, Space, evaluate, load_eval_set
+from .errors import InputError
+from .evaluation import BlendedText, EvalConfig, NativeSpace, Space, evaluate, load_eval_set
 from .retrieval import DEFAULT_KS, EXACT, SearchConfig, load_embeddings
 
 RESERVED = ("old", "new", "xbt", "xbt+old", "old-denoised")
@@ -43,40 +40,26 @@ def _named(values: Sequence[str], flag: str) -> dict[str, str]:
     return named
 
 
-def adapter_fingerprint(model) -> str:
-    """Identity of an XBTModel for the embedding cache: its backbone's fingerprint, ψ and the LoRA weights."""
-    digest = hashlib.sha256(model.backbone.fingerprint.encode())
-    tensors = [(f"projection.{k}", v) for k, v in model.projection.state_dict().items()]
-    tensors += [(k, v) for k, v in model.backbone.model.state_dict().items() if "lora_" in k]
-    for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return f"xbt-{digest.hexdigest()[:16]}"
-
-
 def model_spaces(old: str, new: str, adapter: str | None, blend_alpha: float, device: str) -> list[Space]:
     """Spaces for the old and new backbones and, with an adapter (folder or Hub id), ``xbt`` and ``xbt+old``."""
     from .backbones import load_backbone
 
     encoders = {name: load_backbone(reference, device=device) for name, reference in (("old", old), ("new", new))}
-    spaces = [Space(name, encoder, encoder.fingerprint,
-                    info={"reference": str(encoder.reference), "embed_dim": encoder.embed_dim})
-              for name, encoder in encoders.items()]
+    spaces = {name: Space(name, encoder, encoder.fingerprint,
+                          info={"reference": str(encoder.reference), "embed_dim": encoder.embed_dim})
+              for name, encoder in encoders.items()}
     if adapter is not None:
-        try:
-            from .model import XBTModel
-        except ImportError as error:
-            raise XBTError(f"--adapter needs xbt.model (the stage-2 XBTModel), which this installation lacks "
-                           f"({error}). Evaluate without --adapter, or update xbt.") from error
-        # A second copy of the new model: LoRA is injected into it in place, the plain `new` space stays native.
-        model = XBTModel.from_pretrained(adapter, backbone=load_backbone(new, device=device), device=device)
+        from .model import XBTModel
+
+        model = XBTModel.from_pretrained(adapter, backbone=encoders["new"], device=device)
+        # LoRA now sits in the new backbone; its native space is the same model with the adapters off.
+        spaces["new"] = Space("new", NativeSpace(model), encoders["new"].fingerprint, info=spaces["new"].info)
         model.use_old_encoder(encoders["old"])  # blending uses --old, and refuses an old model ψ was not made for
-        fingerprint = adapter_fingerprint(model)
         info = {"adapter": str(adapter), "fingerprint_of": "new backbone + ψ + LoRA weights"}
-        spaces.append(Space("xbt", model, fingerprint, info=info))
-        spaces.append(Space("xbt+old", BlendedText(model, blend_alpha), f"{fingerprint}+old@{blend_alpha}",
-                            ("text",), info={**info, "blend_alpha": blend_alpha}))
-    return spaces
+        spaces["xbt"] = Space("xbt", model, model.fingerprint, info=info)
+        spaces["xbt+old"] = Space("xbt+old", BlendedText(model, blend_alpha), f"{model.fingerprint}+old@{blend_alpha}",
+                                  ("text",), info={**info, "blend_alpha": blend_alpha})
+    return list(spaces.values())
 
 
 def load_projections(named: dict[str, str], spaces: list[Space]) -> dict:

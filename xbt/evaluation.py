@@ -158,6 +158,19 @@ class BlendedText:
         return self.model.encode_text(texts, blend_old=self.alpha)
 
 
+class NativeSpace:
+    """The new model's own space from an XBTModel (adapters off), so the new backbone is loaded once."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(texts, space="new")
+
+    def encode_image(self, images: list) -> torch.Tensor:
+        return self.model.encode_image(images, space="new")
+
+
 def _encode(function: Callable[[list], torch.Tensor], items: list, desc: str) -> np.ndarray:
     chunks = []
     with tqdm(total=len(items), desc=desc, unit="item") as bar:

@@ -53,7 +53,8 @@ SUMMARY_FILE, METRICS_FILE, PROGRESS_FILE = "training_summary.json", "metrics.js
 
 @dataclass
 class TextStageConfig:
-    """How ψ is trained. Defaults: residual MLP ψ (ProjectionConfig), symmetric InfoNCE, no input noise."""
+    """How ψ is trained. Defaults: residual MLP ψ (ProjectionConfig) started from the ridge fit, symmetric
+    InfoNCE, no input noise (noise helped image→text in one generated domain but hurt text→image in another)."""
 
     output_dir: str = field(default="runs/stage1", metadata={"help": "where ψ, checkpoints and the summary go"})
     loss: str = field(default="infonce", metadata={"help": f"one of {LOSS_KINDS}"})
@@ -64,7 +65,7 @@ class TextStageConfig:
     epochs: int = field(default=10, metadata={"help": "passes over the training captions"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: run all epochs)"})
     batch_size: int = field(default=256, metadata={"help": "global batch size (split across processes)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of all steps spent warming up"})
     checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints (0: epoch ends only)"})
@@ -74,6 +75,9 @@ class TextStageConfig:
     baselines: str = field(default="procrustes,ridge", metadata={
         "help": f"comma-separated training-free baselines to fit and score beside ψ ({', '.join(BASELINES)}; '' for none)"})
     ridge_alpha: float = field(default=1e-3, metadata={"help": "L2 penalty of the ridge baseline"})
+    init: str = field(default="auto", metadata={
+        "help": "start ψ's linear map 'random' or from the 'ridge' / 'procrustes' fit on the training pairs; "
+                "'auto': ridge for linear and mlp ψ, random for orthogonal"})
     cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
 
     def __post_init__(self):
@@ -83,6 +87,8 @@ class TextStageConfig:
             raise InputError("epochs must be >= 1 and batch_size >= 2.")
         if self.noise_std < 0 or not 0 <= self.warmup_ratio < 1:
             raise InputError("noise_std must be >= 0 and warmup_ratio in [0, 1).")
+        if self.init not in ("auto", "random", *BASELINES):
+            raise InputError(f"init must be 'auto', 'random' or one of {sorted(BASELINES)}, got {self.init!r}.")
         unknown = set(self.baseline_names) - set(BASELINES)
         if unknown:
             raise InputError(f"Unknown baselines {sorted(unknown)}; choose from {sorted(BASELINES)}.")
@@ -111,13 +117,16 @@ def evaluate(projection: nn.Module, new: torch.Tensor, old: torch.Tensor, loss: 
              batch_size: int, chunk: int = 1024) -> dict[str, float]:
     """Validation loss (fixed batches, no noise) and text→text Recall@K (%) of ψ(new) against old."""
     projection.eval()
+    device = next(projection.parameters()).device
+    new, old = new.to(device), old.to(device)
     queries = torch.cat([projection(new[i:i + chunk]) for i in range(0, len(new), chunk)])
     losses = [float(paired_loss(loss, queries[i:i + batch_size], old[i:i + batch_size], logit_scale))
               for i in range(0, len(old), batch_size) if min(batch_size, len(old) - i) > 1]
     ranks = []  # how many gallery items score strictly above the true one
     for start in range(0, len(queries), chunk):
         scores = queries[start:start + chunk] @ old.T
-        true = scores[torch.arange(len(scores)), torch.arange(start, start + len(scores))]
+        rows = torch.arange(len(scores), device=device)
+        true = scores[rows, rows + start]
         ranks.append((scores > true[:, None]).sum(dim=1))
     ranks = torch.cat(ranks)
     projection.train()
@@ -140,8 +149,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, history: list[dict], keep: int) -> None:
-    """All processes call this; the checkpoint appears under its final name only once complete."""
+def save_checkpoint(accelerator, output_dir: Path, progress: dict, keep: int) -> None:
+    """All processes call this; the checkpoint appears under its final name only once complete.
+
+    ``progress`` (JSON: step, metrics history, running loss) is kept beside Accelerate's state.
+    """
+    step = progress["step"]
     final = _checkpoint_dir(output_dir, step)
     temporary = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process and temporary.exists():
@@ -150,7 +163,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, history: list[dict
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / PROGRESS_FILE).write_text(json.dumps({"step": step, "history": history}))
+        (temporary / PROGRESS_FILE).write_text(json.dumps(progress))
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -217,6 +230,14 @@ def train_text_stage(
     fingerprints = {"new_fingerprint": cache.fingerprints["new"].removesuffix(":text"),
                     "old_fingerprint": cache.fingerprints["old"].removesuffix(":text")}
     projection = Projection.build(cache.dims["new"], cache.dims["old"], projection_config, **fingerprints)
+    checkpoint = _resume_from(config, output_dir)
+    init = ("random" if projection.kind == "orthogonal" else "ridge") if config.init == "auto" else config.init
+    if init != "random" and checkpoint is None:
+        if projection.kind == "orthogonal":
+            raise InputError("init from a baseline applies to 'linear' and 'mlp' ψ; use init='random' for 'orthogonal'.")
+        # the residual MLP starts at zero, so training starts from this closed-form map
+        fitted = fit_on_training_pairs(init, cache, train_indices, config.ridge_alpha)
+        projection.linear.load_state_dict(fitted.linear.state_dict())
     model = TextStageModel(projection, Temperature(config.temperature, learnable=config.learnable_temperature))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
@@ -230,12 +251,11 @@ def train_text_stage(
         return evaluate(unwrapped.projection, validation_new, validation_old, config.loss,
                         float(unwrapped.temperature().detach()), batch_size)
 
-    step, history = 0, []
-    checkpoint = _resume_from(config, output_dir)
+    step, history, epoch_loss = 0, [], 0.0  # epoch_loss: sum of this epoch's batch losses so far
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
-        step, history = progress["step"], progress["history"]
+        step, history, epoch_loss = progress["step"], progress["history"], progress["epoch_loss"]
         logger.info("Resumed from %s at step %d of %d", checkpoint, step, total_steps)
     else:
         history.append({"epoch": 0, "step": 0, **validate()})  # the untrained ψ, for comparison
@@ -263,14 +283,17 @@ def train_text_stage(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            epoch_loss += loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
             if step % steps_per_epoch == 0:
-                history.append({"epoch": step // steps_per_epoch, "step": step, "train_loss": float(loss), **validate()})
+                train_loss, epoch_loss = epoch_loss / steps_per_epoch, 0.0
+                history.append({"epoch": step // steps_per_epoch, "step": step, "train_loss": train_loss, **validate()})
                 logger.info("Epoch %d: %s", history[-1]["epoch"], _format(history[-1]))
             if step % checkpoint_every == 0 or step == total_steps:
-                save_checkpoint(accelerator, output_dir, step, history, config.keep_checkpoints)
+                progress = {"step": step, "history": history, "epoch_loss": epoch_loss}
+                save_checkpoint(accelerator, output_dir, progress, config.keep_checkpoints)
 
     summary = None
     if accelerator.is_main_process:
@@ -278,6 +301,14 @@ def train_text_stage(
                           history, total_steps, processes, time.perf_counter() - started, validate())
     accelerator.wait_for_everyone()
     return summary if summary is not None else json.loads((output_dir / SUMMARY_FILE).read_text())
+
+
+def fit_on_training_pairs(name: str, cache: EmbeddingCache, train_indices, ridge_alpha: float,
+                          **fingerprints) -> Projection:
+    """A training-free baseline ψ fitted on the cached training pairs (streamed from the memory map)."""
+    options = {"alpha": ridge_alpha} if name == "ridge" else {}
+    return fit_baseline(name, cache.subset("new", train_indices), cache.subset("old", train_indices), **options,
+                        **fingerprints)
 
 
 def _finish(model: TextStageModel, cache: EmbeddingCache, train_indices, validation_new, validation_old,
@@ -290,9 +321,7 @@ def _finish(model: TextStageModel, cache: EmbeddingCache, train_indices, validat
                     "old_fingerprint": model.projection.old_fingerprint}
     baselines = {}
     for name in config.baseline_names:
-        options = {"alpha": config.ridge_alpha} if name == "ridge" else {}
-        baseline = fit_baseline(name, cache.subset("new", train_indices), cache.subset("old", train_indices),
-                                **options, **fingerprints)
+        baseline = fit_on_training_pairs(name, cache, train_indices, config.ridge_alpha, **fingerprints)
         baseline.save_pretrained(output_dir / "baselines" / name)
         baselines[name] = evaluate(baseline, validation_new, validation_old, config.loss,
                                    float(model.temperature().detach()), min(config.batch_size, len(train_indices)))
@@ -365,11 +394,9 @@ def run(argv: Sequence[str]) -> int:
     """``xbt pretrain-text``: train ψ from the new model's text space into the old one's, on captions alone."""
     configs = parse_configs(CONFIGS, argv, prog="xbt pretrain-text", description=run.__doc__)
     summary = pretrain_text(*configs)
-    if summary is not None and Path(configs[-1].output_dir).is_dir():
-        report = {"output_dir": configs[-1].output_dir, "untrained": summary["untrained"],
-                  "validation": summary["validation"], "baselines": summary["baselines"]}
-        from accelerate import PartialState
+    from accelerate import PartialState
 
-        if PartialState().is_main_process:
-            print(json.dumps(report, indent=2))
+    if PartialState().is_main_process:
+        print(json.dumps({"output_dir": configs[-1].output_dir, "untrained": summary["untrained"],
+                          "validation": summary["validation"], "baselines": summary["baselines"]}, indent=2))
     return 0
