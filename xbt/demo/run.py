@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default=DemoConfig.output, help="folder for data, models and results")
     parser.add_argument("--domain", default=DemoConfig.domain, choices=sorted(DOMAINS), help="generated visual domain")
     parser.add_argument("--preset", default=DemoConfig.preset, choices=sorted(PRESETS),
-                        help="'demo': full size (a few minutes on 2 cores); 'fast': the test suite's sizes (≈ 20–30 s)")
+                        help="'demo': full size (a few minutes on 2 cores); 'fast': the test suite's (≈ 20–30 s)")
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 is much faster on an oversubscribed machine)")
