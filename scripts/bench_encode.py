@@ -19,7 +19,7 @@ import torch
 
 from xbt import load_backbone
 from xbt.demo.models import BUILDERS, TinyClipConfig
-from xbt.demo.run import generated_pairs
+from xbt.demo.scenes import generate
 
 SIZES = {"tiny": TinyClipConfig(), "demo-new": TinyClipConfig(width=96, layers=3)}
 
@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     options = parser.parse_args()
 
-    images, captions = generated_pairs(options.items, seed=0)
+    images, caption_lists = generate("shapes", options.items, seed=0)
+    captions = [group[0] for group in caption_lists]  # one caption per image
     results = {"torch_threads": torch.get_num_threads(), "items": options.items, "runs": []}
     with tempfile.TemporaryDirectory() as root:
         for size_name, config in SIZES.items():

@@ -21,12 +21,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from xbt import load_backbone
 from xbt.demo.models import BUILDERS, TinyClipConfig
-from xbt.demo.pretrain import _parameter_groups, compact_token_embedding, contrastive_loss
+from xbt.demo.pretrain import compact_token_embedding, parameter_groups
 from xbt.demo.quality import flatten_captions
 from xbt.demo.scenes import generate
+from xbt.losses import info_nce
 
 SIZES = {"old": TinyClipConfig(width=64, layers=2, heads=2, context_length=20),
          "new": TinyClipConfig(width=96, layers=3, heads=3, context_length=20)}
@@ -52,7 +54,7 @@ class Trainer:
             parameter.requires_grad_(True)
         self.context = compact_token_embedding(model, self.tokens["input_ids"]) if compact else nullcontext()
         self.context.__enter__()
-        self.optimizer = torch.optim.AdamW(_parameter_groups(model, 0.1), lr=1e-3)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3)
         self.times: list[float] = []
 
     def step(self, index: int) -> None:
@@ -61,9 +63,10 @@ class Trainer:
         start = time.perf_counter()
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
-            loss = contrastive_loss(self.encoder.image_features(self.pixels[batch]),
-                                    self.encoder.text_features({k: v[batch] for k, v in self.tokens.items()}),
-                                    self.encoder.model.logit_scale)
+            images = self.encoder.image_features(self.pixels[batch])
+            texts = self.encoder.text_features({k: v[batch] for k, v in self.tokens.items()})
+            loss = info_nce(F.normalize(images, dim=-1), F.normalize(texts, dim=-1),
+                            self.encoder.model.logit_scale.exp())
         self.optimizer.zero_grad(set_to_none=True)
         loss.float().backward()
         self.optimizer.step()

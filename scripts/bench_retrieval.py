@@ -95,11 +95,12 @@ def search_speed(gallery_size: int, queries_count: int, dim: int, k: int, repeat
 def encode_throughput(count: int, workdir: Path) -> dict:
     from xbt import load_backbone
     from xbt.demo.models import TinyClipConfig, build_hf_clip, build_open_clip
-    from xbt.demo.run import generated_pairs
+    from xbt.demo.scenes import generate
     from xbt.evaluation import BlendedText
     from xbt.projection import Projection
 
-    images, captions = generated_pairs(count, seed=0)
+    images, caption_lists = generate("shapes", count, seed=0)
+    captions = [group[0] for group in caption_lists]  # one caption per image
     folder = workdir / "images"
     folder.mkdir()
     paths = []

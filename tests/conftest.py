@@ -33,3 +33,17 @@ def tiny_encoders(tiny_refs):
 @pytest.fixture(params=sorted(BUILDERS))
 def backend(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def trained_pair(tmp_path_factory):
+    """A trained OLD (open_clip) and NEW (transformers, better) model on generated shapes scenes.
+
+    A :class:`xbt.demo.pretrain.TrainedPair`: ``.old`` / ``.new`` references and the
+    ``.train`` / ``.test`` image folders (PNG + metadata.jsonl) and ``.corpus`` text file.
+    Built once per session (about 30 s on 2 cores); ``xbt.demo.pretrain.tiny_pair`` with
+    ``backends=("hf", "open_clip")`` gives the reverse-backend pair.
+    """
+    from xbt.demo.pretrain import tiny_pair
+
+    return tiny_pair(tmp_path_factory.mktemp("trained_pair"), domain="shapes", seed=0)

@@ -12,7 +12,10 @@ Speed on a 2-core CPU (measured side by side with scripts/bench_pretrain.py):
   gradient and AdamW state over the full table roughly doubled the step time of a
   width-64 model; the saved model keeps the full vocabulary and tokenizer, so both
   backends still load through the ordinary reference path;
-- fp32: bf16 autocast was about 2× slower on this CPU.
+- fp32: bf16 autocast was about 2× slower on this CPU;
+- threads: on a machine shared with other jobs, 1 intra-op thread was several times
+  faster than 2 (``xbt demo --threads 1`` / ``OMP_NUM_THREADS=1``); training does not
+  change the caller's torch thread setting.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tqdm.auto import tqdm
 from ..backbones import DualEncoder, load_backbone
 from ..errors import InputError
 from ..images import ImageLike
+from ..losses import info_nce
 from .models import BUILDERS, TinyClipConfig, save_weights
 from .quality import evaluate_model, flatten_captions
 from .scenes import BenchmarkConfig, read_split, write_benchmark
@@ -51,7 +55,7 @@ class PretrainConfig:
 
     steps: int = 600
     batch_size: int = 128
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 30
     grad_clip: float = 1.0
@@ -102,16 +106,6 @@ def compact_token_embedding(model: nn.Module, token_ids: torch.Tensor) -> Iterat
         setattr(parent, attribute, full)
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                     logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch whose i-th image and i-th caption match."""
-    images = F.normalize(image_features, dim=-1)
-    texts = F.normalize(text_features, dim=-1)
-    logits = logit_scale.exp() * images @ texts.T
-    labels = torch.arange(len(logits))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
 def warmup_cosine(warmup_steps: int, total_steps: int):
     """Learning-rate multiplier: linear warm-up, then cosine decay to zero."""
     def factor(step: int) -> float:
@@ -122,7 +116,7 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on biases, norms, embeddings or the temperature)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
@@ -168,7 +162,7 @@ def train_contrastive(encoder: DualEncoder, images: Sequence[ImageLike] | torch.
     losses: list[float] = []
     start = time.perf_counter()
     with compact_token_embedding(model, tokens["input_ids"]):
-        optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+        optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps))
         batches = _batches(len(pixels), config.batch_size, generator)
         progress = tqdm(range(config.steps), desc=f"pretrain {encoder.backend}", unit="step",
@@ -176,9 +170,10 @@ def train_contrastive(encoder: DualEncoder, images: Sequence[ImageLike] | torch.
         for _ in progress:
             batch = next(batches)
             chosen = offsets[batch] + (torch.rand(len(batch), generator=generator) * counts[batch]).long()
-            loss = contrastive_loss(encoder.image_features(pixels[batch]),
-                                    encoder.text_features({key: value[chosen] for key, value in tokens.items()}),
-                                    model.logit_scale)
+            image_features = encoder.image_features(pixels[batch])
+            text_features = encoder.text_features({key: value[chosen] for key, value in tokens.items()})
+            loss = info_nce(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
+                            model.logit_scale.exp())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -244,7 +239,7 @@ def train_model(folder: str | Path, recipe: ModelRecipe, train_folder: str | Pat
     save_weights(encoder.model, recipe.backend, folder)
     result_summary = {k: v for k, v in asdict(result).items() if k != "losses"}
     record_path.write_text(json.dumps({"request": request, "reference": reference, "result": result_summary,
-                                       "fingerprint": load_backbone(reference).fingerprint}, indent=2))
+                                       "fingerprint": encoder.fingerprint}, indent=2))
     return reference
 
 
@@ -260,25 +255,50 @@ class PairPreset:
     new: ModelRecipe
 
 
-def fast_preset(domain: str = "shapes", seed: int = 0, backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
-    """For the test suite: about 30 s for data and both models on 2 CPU cores."""
-    return PairPreset(
-        data=BenchmarkConfig(domain=domain, train_images=2000, test_images=300, corpus_captions=5000, seed=seed),
-        old=ModelRecipe(backends[0], TinyClipConfig(width=32, layers=1, heads=2, context_length=20, seed=seed),
-                        PretrainConfig(steps=80, batch_size=64, seed=seed), train_images=500),
-        new=ModelRecipe(backends[1], TinyClipConfig(width=64, layers=2, heads=2, context_length=20, seed=seed + 1),
-                        PretrainConfig(steps=250, batch_size=64, seed=seed + 1)),
-    )
+@dataclass(frozen=True)
+class PresetSizes:
+    """The numbers that differ between presets."""
+
+    train_images: int
+    test_images: int
+    corpus_captions: int
+    batch_size: int
+    learning_rate: float  # measured: 2e-3 stalled the demo's width-96 model (R@1 5–7 vs 12–16 at 1e-3)
+    old_width: int
+    old_layers: int
+    old_steps: int
+    old_train_images: int  # the OLD model sees only the first N training images
+    new_width: int
+    new_layers: int
+    new_steps: int
 
 
-def demo_preset(domain: str = "shapes", seed: int = 0, backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
-    """For ``xbt demo``: the sizes ENVIRONMENT.md found to give clearly different models (≈ 2 min)."""
+FAST = PresetSizes(train_images=2000, test_images=300, corpus_captions=5000, batch_size=64, learning_rate=2e-3,
+                   old_width=32, old_layers=1, old_steps=150, old_train_images=1000,
+                   new_width=64, new_layers=2, new_steps=250)
+"""The test suite's pair: about 15–30 s for data and both models on 2 CPU cores (1 thread, shared machine)."""
+
+DEMO = PresetSizes(train_images=20000, test_images=1000, corpus_captions=50000, batch_size=128, learning_rate=1e-3,
+                   old_width=64, old_layers=2, old_steps=150, old_train_images=4000,
+                   new_width=96, new_layers=3, new_steps=600)
+"""``xbt demo``: the sizes ENVIRONMENT.md found to give clearly different models (a few minutes on 2 cores)."""
+
+
+def make_preset(sizes: PresetSizes, domain: str = "shapes", seed: int = 0,
+                backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
+    """Data and OLD/NEW recipes of ``sizes``; ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
+    def recipe(backend: str, width: int, layers: int, steps: int, model_seed: int, images: int | None = None):
+        model = TinyClipConfig(width=width, layers=layers, heads=max(2, width // 32), context_length=20,
+                               seed=model_seed)
+        training = PretrainConfig(steps=steps, batch_size=sizes.batch_size, learning_rate=sizes.learning_rate,
+                                  seed=model_seed)
+        return ModelRecipe(backend, model, training, images)
+
     return PairPreset(
-        data=BenchmarkConfig(domain=domain, train_images=20000, test_images=1000, corpus_captions=50000, seed=seed),
-        old=ModelRecipe(backends[0], TinyClipConfig(width=64, layers=2, heads=2, context_length=20, seed=seed),
-                        PretrainConfig(steps=150, batch_size=128, seed=seed), train_images=4000),
-        new=ModelRecipe(backends[1], TinyClipConfig(width=96, layers=3, heads=3, context_length=20, seed=seed + 1),
-                        PretrainConfig(steps=600, batch_size=128, seed=seed + 1)),
+        data=BenchmarkConfig(domain=domain, train_images=sizes.train_images, test_images=sizes.test_images,
+                             corpus_captions=sizes.corpus_captions, seed=seed),
+        old=recipe(backends[0], sizes.old_width, sizes.old_layers, sizes.old_steps, seed, sizes.old_train_images),
+        new=recipe(backends[1], sizes.new_width, sizes.new_layers, sizes.new_steps, seed + 1),
     )
 
 
@@ -304,8 +324,8 @@ def train_pair(root: str | Path, preset: PairPreset) -> TrainedPair:
 
 def tiny_pair(root: str | Path, domain: str = "shapes", seed: int = 0,
               backends: tuple[str, str] = ("open_clip", "hf")) -> TrainedPair:
-    """The test suite's OLD/NEW pair (fast preset); ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
-    return train_pair(root, fast_preset(domain, seed, backends))
+    """The test suite's OLD/NEW pair (:data:`FAST`); ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
+    return train_pair(root, make_preset(FAST, domain, seed, backends))
 
 
 def evaluate_pair(pair: TrainedPair, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:

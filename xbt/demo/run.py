@@ -1,9 +1,14 @@
 """``xbt demo``: the embedded default, end to end on generated data and tiny models.
 
-Nothing is downloaded: the demo builds an OLD model (open_clip) and a NEW model
-(transformers), loads both back through model references, encodes generated
-captions and images with each, and writes a summary JSON with fingerprints and
-encode throughput.
+Nothing is downloaded. The demo is a sequence of steps, each cached in the output
+folder (a step whose output exists with the same configuration is skipped):
+
+1. data     generated image–caption benchmark: DIR/data/{train,test}/ + corpus.txt
+2. old      a small OLD CLIP (open_clip) trained from scratch: DIR/models/old
+3. new      a bigger NEW CLIP (transformers) trained longer:   DIR/models/new
+4. evaluate old→old and new→new Recall@K on the test split, both directions
+
+and writes DIR/summary.json.
 """
 
 from __future__ import annotations
@@ -16,82 +21,84 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+import torch
 
-from ..backbones import DualEncoder, load_backbone
-from .models import TinyClipConfig, build_hf_clip, build_open_clip
+from ..backbones import load_backbone
+from .pretrain import DEMO, FAST, make_preset, train_model
+from .quality import DIRECTIONS, evaluate_model
+from .scenes import DOMAINS, read_split, write_benchmark
 
 logger = logging.getLogger(__name__)
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+PRESETS = {"demo": DEMO, "fast": FAST}
 
 
 @dataclass
 class DemoConfig:
     output: str = "runs/demo"
-    num_items: int = 512
+    domain: str = "shapes"
+    preset: str = "demo"
     seed: int = 0
 
 
-def generated_pairs(count: int, seed: int) -> tuple[list[Image.Image], list[str]]:
-    """Solid-colour squares on noise, each with a caption naming its colour."""
-    rng = np.random.default_rng(seed)
-    names = list(COLOURS)
-    images, captions = [], []
-    for _ in range(count):
-        name = names[rng.integers(len(names))]
-        canvas = rng.integers(0, 60, (48, 48, 3), dtype=np.uint8)
-        top, left = rng.integers(0, 24, size=2)
-        canvas[top:top + 24, left:left + 24] = COLOURS[name]
-        images.append(Image.fromarray(canvas))
-        captions.append(f"a {name} square")
-    return images, captions
-
-
-def _throughput(encoder: DualEncoder, images, captions) -> dict[str, float]:
-    encoder.encode_text(captions[:8])  # warm-up
-    start = time.perf_counter()
-    encoder.encode_text(captions, batch_size=256)
-    text_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    encoder.encode_image(images, batch_size=128)
-    image_seconds = time.perf_counter() - start
-    return {"captions_per_s": len(captions) / text_seconds, "images_per_s": len(images) / image_seconds}
-
-
 def run(config: DemoConfig) -> dict:
+    """Run every step (skipping the cached ones); returns the summary written to ``output/summary.json``."""
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
+    preset = make_preset(PRESETS[config.preset], config.domain, config.seed)
+    summary: dict = {"config": asdict(config), "seconds": {}, "models": {}, "retrieval": {}}
+
+    def step(name: str, function, *args):
+        start = time.perf_counter()
+        result = function(*args)
+        summary["seconds"][name] = round(time.perf_counter() - start, 1)
+        logger.info("step %s done in %.1f s", name, summary["seconds"][name])
+        return result
+
+    data = step("data", write_benchmark, output / "data", preset.data)
     references = {
-        "old": build_open_clip(output / "models" / "old", TinyClipConfig(seed=config.seed)),
-        "new": build_hf_clip(output / "models" / "new", TinyClipConfig(width=96, layers=3, seed=config.seed + 1)),
+        "old": step("old", train_model, output / "models" / "old", preset.old, data["train"]),
+        "new": step("new", train_model, output / "models" / "new", preset.new, data["train"]),
     }
-    images, captions = generated_pairs(config.num_items, config.seed)
-    summary: dict = {"config": asdict(config), "models": {}}
+    test_images, test_captions = read_split(data["test"])
     for role, reference in references.items():
         encoder = load_backbone(reference)
-        summary["models"][role] = {
-            "reference": reference,
-            "fingerprint": encoder.fingerprint,
-            "embed_dim": encoder.embed_dim,
-            **_throughput(encoder, images, captions),
-        }
-        logger.info("%s model %s: %s", role, reference, summary["models"][role])
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["models"][role] = {"reference": reference, "fingerprint": encoder.fingerprint,
+                                   "embed_dim": encoder.embed_dim,
+                                   "parameters": sum(p.numel() for p in encoder.model.parameters())}
+        summary["retrieval"][f"{role}→{role}"] = step(f"evaluate {role}", evaluate_model, encoder, test_images,
+                                                      test_captions)
+    summary["data"] = {name: str(path) for name, path in data.items()}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
+
+
+def _print_summary(summary: dict, output: str) -> None:
+    for role, info in summary["models"].items():
+        print(f"{role:>4}: {info['reference']}")
+        print(f"      {info['parameters']:,} parameters, fingerprint {info['fingerprint']}")
+    ks = next(iter(next(iter(summary["retrieval"].values())).values())).keys()
+    print("\nRecall@K (%) on the test split:")
+    print(f"{'cell':<10}{'direction':<13}" + "".join(f"{'R@' + str(k):>8}" for k in ks))
+    for cell, directions in summary["retrieval"].items():
+        for direction in DIRECTIONS:
+            print(f"{cell:<10}{direction:<13}" + "".join(f"{value:>8.1f}" for value in directions[direction].values()))
+    print("\nseconds per step: " + ", ".join(f"{name} {value}" for name, value in summary["seconds"].items()))
+    print(f"summary: {Path(output) / 'summary.json'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xbt demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=DemoConfig.output, help="folder for models and results")
-    parser.add_argument("--num-items", type=int, default=DemoConfig.num_items)
+    parser.add_argument("--output", default=DemoConfig.output, help="folder for data, models and results")
+    parser.add_argument("--domain", default=DemoConfig.domain, choices=sorted(DOMAINS), help="generated visual domain")
+    parser.add_argument("--preset", default=DemoConfig.preset, choices=sorted(PRESETS),
+                        help="'demo': full size (a few minutes on 2 cores); 'fast': the test suite's (≈ 20–30 s)")
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is much faster on an oversubscribed machine)")
     options = parser.parse_args(argv)
-    summary = run(DemoConfig(output=options.output, num_items=options.num_items, seed=options.seed))
-    for role, info in summary["models"].items():
-        print(f"{role:>4}: {info['reference']}\n      fingerprint {info['fingerprint']}, "
-              f"{info['images_per_s']:.0f} images/s, {info['captions_per_s']:.0f} captions/s")
-    print(f"summary: {Path(options.output) / 'summary.json'}")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    summary = run(DemoConfig(output=options.output, domain=options.domain, preset=options.preset, seed=options.seed))
+    _print_summary(summary, options.output)
     return 0

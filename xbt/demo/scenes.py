@@ -40,7 +40,7 @@ CAPTIONS_PER_IMAGE = 5
 SPLITS = {"train": 0, "test": 1, "corpus": 2}  # split name -> seed stream
 METADATA = "metadata.jsonl"
 GENERATION_RECORD = "generation.json"  # what a folder was generated with (skip when it matches)
-FORMAT_VERSION = 1  # bump when rendering or the grammar changes, so cached folders are regenerated
+FORMAT_VERSION = 2  # bump when rendering or the grammar changes, so cached folders are regenerated
 
 COLOURS = {
     "red": (215, 40, 40), "green": (40, 170, 60), "blue": (45, 85, 225), "yellow": (235, 215, 45),
@@ -115,24 +115,26 @@ class ShapeScene:
 class Shapes(Domain):
     name = "shapes"
 
+    # Every paraphrase names every shape's size, colour, kind and where it is (position or
+    # relation), so that retrieval is limited by the models rather than by vague captions.
     one = [
         "a {size} {colour} {kind} in the {position}",
-        "{a_colour} {colour} {kind} at the {position} of the picture",
+        "{a_colour} {colour} {kind}, {size}, at the {position} of the picture",
         "there is a {size} {colour} {kind} in the {position}",
-        "{a_colour} {colour} {kind} on a {background} background",
+        "a {size} {colour} {kind} in the {position} on a {background} background",
         "{size} {colour} {kind}, {position}",
         "the {position} holds a {size} {colour} {kind}",
-        "a picture of a {size} {colour} {kind}",
-        "a {size} {kind} coloured {colour} on a {background} background",
+        "a picture of a {size} {colour} {kind} in the {position}",
+        "a {size} {kind} coloured {colour} in the {position}, {background} background",
     ]
     two = [
-        "a {first} and a {second}",
         "a {first} {relation} a {second}",
         "a {second} {inverse} a {first}",
-        "two shapes: a {first} and a {second}, {background} background",
-        "there is a {second} and a {first}",
-        "{first_short} {relation} {second_short} on a {background} background",
-        "a picture with {first_short} and {second_short}",
+        "two shapes: a {first} {relation} a {second}",
+        "there is a {first} {relation} a {second} on a {background} background",
+        "a picture of a {second} {inverse} a {first}",
+        "a {first} and a {second}",
+        "{background} background with a {second} {inverse} a {first}",
     ]
 
     def sample(self, rng: np.random.Generator) -> ShapeScene:
@@ -181,8 +183,8 @@ class Shapes(Domain):
         relation, inverse = self._relation(first, second)
         words = [f"{_pick(rng, SIZE_WORDS[s.size])} {s.colour} {s.kind}" for s in (first, second)]
         return _paraphrases(rng, self.two, count, first=words[0], second=words[1], relation=relation,
-                            inverse=inverse, first_short=f"{_article(first.colour)} {first.colour} {first.kind}",
-                            second_short=f"{_article(second.colour)} {second.colour} {second.kind}", background=scene.background)
+                            inverse=inverse,
+                            background=scene.background)
 
     @staticmethod
     def _relation(first: Shape, second: Shape) -> tuple[str, str]:
@@ -215,14 +217,14 @@ class PatternScene:
 class Patterns(Domain):
     name = "patterns"
 
-    templates = [
-        "{scale} {colour} {kind} on {background}",
-        "{a_colour} {colour} and {background} texture of {scale} {kind}",
-        "{kind} in {colour} over {a_background} {background} ground, {scale}",
-        "a {scale} pattern of {colour} {kind} {where}",
-        "{colour} {kind} {where}",
+    templates = [  # each names the kind, both colours, the scale and the region
+        "{scale} {colour} {kind} on {background}, {where}",
+        "{a_colour} {colour} and {background} texture of {scale} {kind} {where}",
+        "{kind} in {colour} over {a_background} {background} ground, {scale}, {where}",
+        "a {scale} pattern of {colour} {kind} on {background} {where}",
         "{where_cap}: {scale} {kind}, {colour} on {background}",
-        "{a_background} {background} image with {scale} {colour} {kind}",
+        "{a_background} {background} image with {scale} {colour} {kind} {where}",
+        "{colour} {kind} {where}, {scale}, on {background}",
     ]
 
     def sample(self, rng: np.random.Generator) -> PatternScene:
