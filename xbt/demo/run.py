@@ -7,6 +7,12 @@ folder (a step whose output exists with the same configuration is skipped):
 2. old      a small OLD CLIP (open_clip) trained from scratch: DIR/models/old
 3. new      a bigger NEW CLIP (transformers) trained longer:   DIR/models/new
 4. evaluate old→old and new→new Recall@K on the test split, both directions
+5. gallery  the OLD model's embeddings of the training images: DIR/gallery/ (what a
+            deployed service already stores; the old image encoder is not run again)
+6. fit      `xbt fit DIR/fit.yaml`: caption cache, stage 1 (ψ from captions), stage 2
+            (gallery-aware LoRA on the new model): DIR/xbt/stage2/adapter
+7. eval     `xbt eval` of old, new, the adapter (plain and blended with the old text
+            encoder), stage-1 ψ and the training-free baselines: DIR/eval/
 
 and writes DIR/summary.json.
 """
@@ -23,7 +29,12 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+import yaml
+
+from .. import eval_cli
 from ..backbones import load_backbone
+from ..train.fit import FitConfig, fit
 from .pretrain import DEMO, FAST, make_preset, train_model
 from .quality import DIRECTIONS, evaluate_model
 from .scenes import DOMAINS, read_split, write_benchmark
@@ -31,6 +42,8 @@ from .scenes import DOMAINS, read_split, write_benchmark
 logger = logging.getLogger(__name__)
 
 PRESETS = {"demo": DEMO, "fast": FAST}
+# Training lengths of the two XBT stages per preset (stage 2 on a subset of pairs, as XBT intends).
+XBT_SIZES = {"demo": {"stage1_epochs": 4, "stage2_steps": 400}, "fast": {"stage1_epochs": 2, "stage2_steps": 60}}
 
 
 @dataclass
@@ -67,9 +80,49 @@ def run(config: DemoConfig) -> dict:
                                    "parameters": sum(p.numel() for p in encoder.model.parameters())}
         summary["retrieval"][f"{role}→{role}"] = step(f"evaluate {role}", evaluate_model, encoder, test_images,
                                                       test_captions)
+    gallery = step("gallery", embed_gallery, output / "gallery", references["old"], data["train"])
+    adapter = step("fit", fit, write_fit_config(output, references, data, gallery, XBT_SIZES[config.preset],
+                                                config.seed))
+    step("eval", eval_cli.main, ["--old", references["old"], "--new", references["new"], "--adapter", str(adapter),
+                                 "--projection", f"stage1={adapter.parent.parent / 'stage1'}",
+                                 *[f"--projection={name}={adapter.parent.parent / 'stage1' / 'baselines' / name}"
+                                   for name in ("procrustes", "ridge")],
+                                 "--eval-set", str(data["test"]), "--output", str(output / "eval")])
+    metrics = json.loads((output / "eval" / "metrics.json").read_text())
+    summary["compatibility"] = {f"{c['direction']} {c['name']}": {"recall": c["recall"], "compatible": c["compatible"],
+                                                                  "gap_recovered": c["gap_recovered"]}
+                                for c in metrics["cells"] if c["gallery"] == "old"}
+    summary["adapter"] = str(adapter)
     summary["data"] = {name: str(path) for name, path in data.items()}
     (output / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
+
+
+def embed_gallery(folder: Path, old_reference: str, train: Path) -> dict[str, Path]:
+    """The old model's image embeddings of the training images, with their ids (file names), once."""
+    paths = {"embeddings": folder / "old_images.npy", "ids": folder / "ids.txt"}
+    image_paths, _ = read_split(train)
+    ids = "\n".join(path.name for path in image_paths) + "\n"
+    if paths["ids"].is_file() and paths["ids"].read_text() == ids and paths["embeddings"].is_file():
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(paths["embeddings"], load_backbone(old_reference).encode_image(image_paths).numpy())
+    paths["ids"].write_text(ids)
+    return paths
+
+
+def write_fit_config(output: Path, references: dict[str, str], data: dict[str, Path], gallery: dict[str, Path],
+                     sizes: dict[str, int], seed: int) -> FitConfig:
+    """DIR/fit.yaml, a real `xbt fit` config a user can read and rerun."""
+    values = {
+        "old_model": references["old"], "new_model": references["new"], "run_dir": str(output / "xbt"),
+        "stage1": {"captions": str(data["corpus"]), "epochs": sizes["stage1_epochs"], "seed": seed},
+        "stage2": {"source": str(data["train"]), "old_image_embeddings": str(gallery["embeddings"]),
+                   "old_image_ids": str(gallery["ids"]), "max_steps": sizes["stage2_steps"], "seed": seed},
+    }
+    path = output / "fit.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return FitConfig.from_file(path)
 
 
 def _print_summary(summary: dict, output: str) -> None:
@@ -82,6 +135,16 @@ def _print_summary(summary: dict, output: str) -> None:
     for cell, directions in summary["retrieval"].items():
         for direction in DIRECTIONS:
             print(f"{cell:<10}{direction:<13}" + "".join(f"{value:>8.1f}" for value in directions[direction].values()))
+    if summary.get("compatibility"):
+        print("\nAgainst the OLD gallery (compatible = beats old→old at that K; gap = share of old→new gap recovered):")
+        for cell, values in summary["compatibility"].items():
+            recall = " ".join(f"R@{k} {v:5.1f}" for k, v in values["recall"].items())
+            flags = "" if values["compatible"] is None else "  compatible@K: " + "".join(
+                "✓" if ok else "✗" for ok in values["compatible"].values())
+            gap = "" if values["gap_recovered"] is None else "  gap@1 " + (
+                "–" if values["gap_recovered"]["1"] is None else f"{values['gap_recovered']['1']:.2f}")
+            print(f"  {cell:<30}{recall}{flags}{gap}")
+        print(f"adapter: {summary['adapter']}")
     print("\nseconds per step: " + ", ".join(f"{name} {value}" for name, value in summary["seconds"].items()))
     print(f"summary: {Path(output) / 'summary.json'}")
 
