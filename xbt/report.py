@@ -131,7 +131,7 @@ def plot_matrix(report: dict, path: Path, k: int | None = None) -> None:
             if not np.isnan(value):  # dark text on the bright end of viridis
                 axis.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=9,
                           color="black" if value > 0.6 * top else "white")
-        axis.set_xticks(range(len(galleries)), galleries)
+        axis.set_xticks(range(len(galleries)), galleries, rotation=30, ha="right")
         axis.set_yticks(range(len(queries)), queries)
         axis.set_xlabel("gallery space")
         axis.set_ylabel("query space")
