@@ -90,8 +90,10 @@ def test_without_an_old_space_term_the_adapter_drifts(results):
 
 @pytest.mark.parametrize("name", ["anchored", "gallery-aware"])
 def test_anchored_and_gallery_aware_stay_in_the_old_space(results, name):
-    control, run = results["control"], results[name]
-    assert run["cos"] > control["cos"] + 0.15
+    start, control, run = results["ψ only"], results["control"], results[name]
+    # Gallery-aware training never pulls ψ(text) onto the old caption vector itself, so ask for a share of
+    # the control's cosine drop back, not a fixed cosine; the retrieval measures below are the real test.
+    assert run["cos"] - control["cos"] > 0.4 * (start["cos"] - control["cos"])
     assert run["t2t"] > control["t2t"] + 3.0
     assert run["t2i"] >= control["t2i"]
 
