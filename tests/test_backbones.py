@@ -171,6 +171,10 @@ def test_pickle_only_weights_are_never_loaded(tiny_encoders, tmp_path):
     weights.unlink()
     with pytest.raises(ModelLoadError, match="never unpickles"):
         load_backbone(f"open_clip:local-dir:{folder}")
+    # A pickle beside safetensors is refused too: open_clip would prefer the .bin.
+    save_file(load_file(tiny_encoders["open_clip"].reference.path / "open_clip_model.safetensors"), weights)
+    with pytest.raises(ModelLoadError, match="open_clip_pytorch_model.bin"):
+        load_backbone(f"open_clip:local-dir:{folder}")
 
 
 def test_unknown_architecture_and_offline_tags_fail_clearly():

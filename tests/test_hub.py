@@ -144,3 +144,26 @@ def test_push_to_an_unreachable_hub_says_so(adapters, tmp_path):
     env = _env(tmp_path, "http://127.0.0.1:9")  # discard port: nothing listens
     result = _run(["-m", "xbt", "push", str(root / "v2"), "team/x"], env)
     assert result.returncode == 2 and "Pushing" in result.stderr and "HF_ENDPOINT" in result.stderr
+
+
+# Child process: publish a projection whose weights exist only as a pickle, then try to load it.
+PICKLED_PROJECTION = """
+import sys
+from huggingface_hub import CommitOperationAdd, HfApi
+from xbt.projection import Projection
+folder = sys.argv[1]
+api = HfApi()
+api.create_repo("team/psi", exist_ok=True)
+api.create_commit("team/psi", [CommitOperationAdd(name, f"{folder}/{name}") for name in ("config.json",
+                  "pytorch_model.bin")], commit_message="pickle")
+Projection.from_pretrained("team/psi")
+"""
+
+
+def test_a_pickled_projection_on_the_hub_is_refused(tmp_path):
+    folder = tmp_path / "psi"
+    Projection(6, 4, kind="linear").save_pretrained(folder)
+    torch.save(Projection.from_pretrained(folder).state_dict(), folder / "pytorch_model.bin")
+    with HubServer() as hub:
+        result = _run(["-c", PICKLED_PROJECTION, str(folder)], _env(tmp_path, hub.endpoint))
+    assert result.returncode != 0 and "loads projections from model.safetensors only" in result.stderr

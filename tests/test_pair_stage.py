@@ -221,6 +221,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_p
     assert summary["replicas_identical"] is True  # every rank held the same weights at the end
     one, two = trainable_weights(tmp_path / "one" / "adapter"), trainable_weights(tmp_path / "two" / "adapter")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    # Under DDP too, checkpoints hold only the trained weights, not the frozen backbone.
+    saved = [load_file(str(next((tmp_path / run / "checkpoints").glob("step-*/model*.safetensors"))))
+             for run in ("one", "two")]
+    assert len(saved[0]) == len(saved[1]) and all("lora_" in k or "projection" in k or "temperature" in k
+                                                  for k in saved[1])
     assert any(not torch.equal(one[k], torch.zeros_like(one[k])) for k in one if "lora_B" in k)
 
 

@@ -63,3 +63,4 @@ def test_from_linear_map_and_config_validation():
         ProjectionConfig(kind="linear", extra_dims=4)
     built = Projection.build(6, 4, ProjectionConfig(kind="orthogonal", extra_dims=2))
     assert built.extra_dims == 2
+

@@ -260,17 +260,17 @@ class OpenClipEncoder(DualEncoder):
 
 
 def _require_safetensors(folder: Path, reference: ModelRef) -> None:
+    """Weights must be safetensors, and no pickle may sit beside them (open_clip would prefer it)."""
     files = [p for p in folder.iterdir() if p.is_file()]
-    if any(p.suffix == ".safetensors" for p in files):
-        return
     pickles = [p.name for p in files if p.suffix in _PICKLE_SUFFIXES]
     if pickles:
         raise ModelLoadError(
-            f"{reference}: weights exist only as pickle files ({', '.join(pickles)}); xbt never unpickles "
-            f"weights. Convert them once with safetensors.torch.save_file(torch.load(path, weights_only=True), "
-            f"'{folder}/open_clip_model.safetensors') or save the model with save_pretrained."
+            f"{reference}: folder holds pickle weight files ({', '.join(pickles)}); xbt never unpickles weights. "
+            f"Convert them once with safetensors.torch.save_file(torch.load(path, weights_only=True), "
+            f"'{folder}/open_clip_model.safetensors') (or save the model with save_pretrained) and remove them."
         )
-    raise ModelLoadError(f"{reference}: folder {str(folder)!r} holds no weights (*.safetensors).")
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ModelLoadError(f"{reference}: folder {str(folder)!r} holds no weights (*.safetensors).")
 
 
 def _load_open_clip(reference: ModelRef, device: torch.device) -> OpenClipEncoder:

@@ -88,7 +88,8 @@ def add_noise(embeddings: torch.Tensor, std: float, generator: torch.Generator |
     """Add N(0, std²) noise to normalised embeddings and renormalise (no-op for std 0)."""
     if std <= 0:
         return embeddings
-    noise = torch.randn(embeddings.shape, generator=generator, device=embeddings.device, dtype=embeddings.dtype)
+    # Drawn on the CPU (where the seeded generator lives), so a run gives the same noise on any device.
+    noise = torch.randn(embeddings.shape, generator=generator, dtype=embeddings.dtype).to(embeddings.device)
     return F.normalize(embeddings + std * noise, dim=-1)
 
 

@@ -24,7 +24,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from .errors import FingerprintMismatchError, InputError
+from .errors import FingerprintMismatchError, InputError, ModelLoadError
 
 KINDS = ("linear", "mlp", "orthogonal")
 
@@ -100,6 +100,11 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
                     f"This projection was trained for the {role} model {expected}, but is being used with "
                     f"{given}. Retrain it for this model or load the model it was made for."
                 )
+
+    @classmethod
+    def _load_as_pickle(cls, model, model_file, map_location, strict):
+        # huggingface_hub falls back to torch.load when a repo has no model.safetensors: refuse instead.
+        raise ModelLoadError(f"{model_file} is a pickle; xbt loads projections from model.safetensors only.")
 
     @classmethod
     def from_linear_map(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **fingerprints) -> Projection:

@@ -40,7 +40,7 @@ from ..errors import InputError
 from ..images import ImageLike
 from ..losses import info_nce
 from .models import BUILDERS, TinyClipConfig, save_weights
-from .quality import evaluate_model, flatten_captions
+from .quality import flatten_captions
 from .scenes import BenchmarkConfig, read_split, write_benchmark
 
 logger = logging.getLogger(__name__)
@@ -326,10 +326,3 @@ def tiny_pair(root: str | Path, domain: str = "shapes", seed: int = 0,
               backends: tuple[str, str] = ("open_clip", "hf")) -> TrainedPair:
     """The test suite's OLD/NEW pair (:data:`FAST`); ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
     return train_pair(root, make_preset(FAST, domain, seed, backends))
-
-
-def evaluate_pair(pair: TrainedPair, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
-    """old→old and new→new Recall@K on the pair's test split, both directions."""
-    paths, captions = read_split(pair.test)
-    return {f"{role}→{role}": evaluate_model(load_backbone(reference), paths, captions, ks)
-            for role, reference in (("old", pair.old), ("new", pair.new))}

@@ -144,6 +144,9 @@ class PairObjective(nn.Module):
         self.model, self.temperature, self.targets = model, temperature, targets
         self.loss = WeightedLoss(weights)
         self.bank_negatives, self.seed = bank_negatives, seed
+        # Hooks, not state_dict overrides: they also run when DDP wraps this module as a child.
+        self.register_state_dict_post_hook(_keep_trainable_only)
+        self.register_load_state_dict_post_hook(_frozen_is_not_missing)
 
     def forward(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], positions: torch.Tensor,
                 caption_indices: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -180,21 +183,19 @@ class PairObjective(nn.Module):
     def trainable_names(self) -> set[str]:
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
 
-    def state_dict(self, *args, **kwargs):
-        prefix = kwargs.get("prefix", "")
-        names = self.trainable_names()
-        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if k.removeprefix(prefix) in names}
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        missing, unexpected = self.trainable_names() - set(state_dict), set(state_dict) - self.trainable_names()
-        if strict and (missing or unexpected):
-            raise InputError(f"The checkpoint does not fit this run's trainable weights (missing: "
-                             f"{sorted(missing)[:3]}, unexpected: {sorted(unexpected)[:3]}). Resume with the same "
-                             f"LoRA and ψ options.")
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        # The frozen backbone is deliberately absent from checkpoints: not "missing".
-        result.missing_keys[:] = [k for k in result.missing_keys if k in self.trainable_names()]
-        return result
+def _keep_trainable_only(module: PairObjective, state_dict, prefix: str, local_metadata) -> None:
+    """Checkpoints hold the trained weights only: the frozen backbone is rebuilt from its reference."""
+    trainable = module.trainable_names()
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in trainable]:
+        del state_dict[key]
+
+
+def _frozen_is_not_missing(module: PairObjective, incompatible) -> None:
+    """The frozen backbone is deliberately absent from checkpoints; a missing trainable weight still fails."""
+    trainable = module.trainable_names()
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if any(k == name or k.endswith("." + name) for name in trainable)]
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -263,6 +264,7 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
     source = open_pairs(data)
     loader = make_pair_loader(source, backbone.preprocess, rank=accelerator.process_index,
                               world_size=accelerator.num_processes)
+    images = "streamed" if source.streamed else len(source)  # tar shards have no length up front
     has_gallery = config.old_image_embeddings is not None
     weights = config.loss_weights(has_gallery)
     targets, position_of = None, {}
@@ -271,11 +273,14 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
         ids, captions = [i for i, _ in listing], [c for _, c in listing]
         position_of = {identifier: position for position, identifier in enumerate(ids)}
         old_text = old_text_source(config.old_model, projection.old_fingerprint, projection.old_dim,
-                                   accelerator.device)
+                                   accelerator.device, batch_size=cache.encode_batch_size)
         targets = build_targets(ids, captions, old_text, cache, config.old_image_embeddings, config.old_image_ids,
                                 process=accelerator).to(accelerator.device)
 
-    objective = PairObjective(model, weights, Temperature(config.temperature, config.learn_temperature), targets,
+    # A temperature no weighted InfoNCE term uses must not train: DDP refuses parameters without gradients.
+    uses_temperature = any(weights[name] > 0 for name in ("new_new", "text_to_old_image", "image_to_old_text"))
+    temperature = Temperature(config.temperature, config.learn_temperature and uses_temperature)
+    objective = PairObjective(model, weights, temperature, targets,
                               config.bank_negatives, data.seed)
     objective.to(accelerator.device)
     groups = [{"params": model.lora_parameters(), "lr": config.learning_rate},
@@ -298,7 +303,7 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
             logger.warning("report_to=%s: no such tracker is installed (pip install tensorboard / wandb); "
                            "progress goes to the log only.", config.report_to)
 
-    logger.info("Stage 2: %d images, %d process(es), global batch %d, %d steps, loss weights %s", len(source),
+    logger.info("Stage 2: %s images, %d process(es), global batch %d, %d steps, loss weights %s", images,
                 accelerator.num_processes,
                 data.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
                 config.max_steps, {k: v for k, v in weights.items() if v > 0})
@@ -358,7 +363,7 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
             "global_batch_size": data.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
             "processes": accelerator.num_processes, "learning_rate": config.learning_rate,
             "train_projection": config.train_projection, "data": source.description,
-            "images": len(source), "seed": data.seed, "gallery_aware": has_gallery, "replicas_identical": True,
+            "images": images, "seed": data.seed, "gallery_aware": has_gallery, "replicas_identical": True,
             "data_quality": finished_pass or quality.to_dict(),  # of the main process's share of the data
         }
         trained.save_pretrained(folder)

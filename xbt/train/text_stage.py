@@ -185,7 +185,9 @@ def train_text_stage(
         # the residual MLP starts at zero, so training starts from this closed-form map
         fitted = fit_on_training_pairs(init, cache, train_indices, config.ridge_alpha)
         projection.linear.load_state_dict(fitted.linear.state_dict())
-    model = TextStageModel(projection, Temperature(config.temperature, learnable=config.learnable_temperature))
+    # cosine and MSE use no temperature; a trainable one without gradients would break DDP.
+    learnable = config.learnable_temperature and config.loss == "infonce"
+    model = TextStageModel(projection, Temperature(config.temperature, learnable=learnable))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
