@@ -149,6 +149,13 @@ def _write_ids(path: Path, source: Path, drop_last: bool) -> Path:
     return path
 
 
+def test_a_batch_of_only_bad_examples_is_skipped(setup, tmp_path):
+    # Batch size 1: the corrupt and the missing image each make a batch with nothing usable.
+    folder = train(*configs(setup, tmp_path / "run", batch_size=1, max_steps=IMAGES, save_steps=1000))
+    summary = json.loads((folder / "xbt_config.json").read_text())["training"]
+    assert summary["steps"] == IMAGES and summary["data_quality"]["skipped"] == 2
+
+
 def test_divergence_stops_with_the_last_good_checkpoint_kept(setup, tmp_path):
     with pytest.raises(TrainingDivergedError) as caught:
         train(*configs(setup, tmp_path / "run", max_steps=40, save_steps=1, learning_rate=1e7, max_grad_norm=0,

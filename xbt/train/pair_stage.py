@@ -198,6 +198,12 @@ def _frozen_is_not_missing(module: PairObjective, incompatible) -> None:
                                     if any(k == name or k.endswith("." + name) for name in trainable)]
 
 
+def every_rank_has_examples(accelerator, batch: dict) -> bool:
+    """False when any process's batch lost every example to bad data (the ranks must skip together)."""
+    count = torch.tensor([len(batch["ids"])], device=accelerator.device)
+    return bool((accelerator.gather(count) > 0).all()) if accelerator.num_processes > 1 else bool(count.item())
+
+
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (rows may differ per process) from every process, keeping gradients."""
     import torch.distributed as dist
@@ -315,6 +321,9 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
         batches = _skip(loader, progress.batch)
         for batch in batches:
             quality.update(batch)
+            if not every_rank_has_examples(accelerator, batch):
+                progress.batch += 1  # all of some rank's examples were unusable: skip this step everywhere
+                continue
             positions = _positions(batch, position_of)
             with accelerator.accumulate(objective):
                 loss, terms = objective(batch["images"].to(accelerator.device),
