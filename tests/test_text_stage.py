@@ -188,8 +188,8 @@ def test_accelerate_launch_with_two_processes(tmp_path, tiny_refs, corpus_file):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               str(REPO / "scripts" / "pretrain_text.py")]
-    args = cli_args(tiny_refs, corpus_file, tmp_path / "cache", tmp_path / "out", "--epochs", "4", "--shard_size",
-                    "300", "--learning_rate", "3e-3", "--init", "random")
+    extra = ["--epochs", "4", "--shard_size", "300", "--learning_rate", "3e-3", "--init", "random"]
+    args = cli_args(tiny_refs, corpus_file, tmp_path / "cache", tmp_path / "out", *extra)
     result = subprocess.run(launch + args, env=environment(ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -199,3 +199,10 @@ def test_accelerate_launch_with_two_processes(tmp_path, tiny_refs, corpus_file):
     assert summary["validation"]["loss"] < summary["untrained"]["loss"]
     cache_dir = Path(summary["cache"]["path"])
     assert len(list(cache_dir.glob("shard-*.safetensors"))) == 4  # 1200 captions, encoded by both processes
+    # The loss is the global batch's: one process with the same batch size follows the same trajectory.
+    single = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain_text.py"),
+                             *cli_args(tiny_refs, corpus_file, tmp_path / "cache", tmp_path / "one", *extra)],
+                            env=environment(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "out"))
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)

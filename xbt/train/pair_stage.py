@@ -53,6 +53,7 @@ from ..losses import Temperature, WeightedLoss, cosine_loss, info_nce
 from ..model import AdapterConfig, XBTModel
 from ..projection import Projection
 from .checkpoints import latest_checkpoint, read_progress, resolve_resume, save_checkpoint
+from .distributed import gather_rows
 from .targets import OldSpaceTargets, build_targets, old_text_source
 
 logger = logging.getLogger(__name__)
@@ -202,27 +203,6 @@ def every_rank_has_examples(accelerator, batch: dict) -> bool:
     """False when any process's batch lost every example to bad data (the ranks must skip together)."""
     count = torch.tensor([len(batch["ids"])], device=accelerator.device)
     return bool((accelerator.gather(count) > 0).all()) if accelerator.num_processes > 1 else bool(count.item())
-
-
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` (rows may differ per process) from every process, keeping gradients."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    rows = [int(c) for c in counts]
-    padded = torch.cat([tensor, tensor.new_zeros((max(rows) - tensor.shape[0], *tensor.shape[1:]))])
-    if tensor.requires_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        parts = all_gather(padded)
-    else:
-        parts = [torch.empty_like(padded) for _ in rows]
-        dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, rows)])
 
 
 class TrainingProgress:

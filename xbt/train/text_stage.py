@@ -43,6 +43,7 @@ from ..errors import InputError
 from ..losses import LOSS_KINDS, Temperature, add_noise, paired_loss
 from ..projection import Projection, ProjectionConfig
 from .checkpoints import read_progress, resolve_resume, save_checkpoint
+from .distributed import gather_rows
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,8 @@ def train_text_stage(
             new = add_noise(new, config.noise_std, generator=noise) if config.noise_std else new
 
             predictions, logit_scale = model(new)
-            loss = paired_loss(config.loss, predictions, old, logit_scale)
+            # the loss of the global batch: N processes train like one with the same batch size
+            loss = paired_loss(config.loss, gather_rows(predictions), gather_rows(old), logit_scale)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
