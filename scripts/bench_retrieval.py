@@ -96,7 +96,6 @@ def encode_throughput(count: int, workdir: Path) -> dict:
     from xbt import load_backbone
     from xbt.demo.models import TinyClipConfig, build_hf_clip, build_open_clip
     from xbt.demo.scenes import generate
-    from xbt.evaluation import BlendedText
     from xbt.projection import Projection
 
     images, caption_lists = generate("shapes", count, seed=0)
@@ -115,8 +114,6 @@ def encode_throughput(count: int, workdir: Path) -> dict:
         from xbt.model import XBTModel
 
         encoders["xbt"] = XBTModel(load_backbone(encoders["new"].reference), projection)
-        encoders["xbt+old"] = BlendedText(encoders["xbt"], 0.5)
-        encoders["xbt"].use_old_encoder(encoders["old"])
     except ImportError:
         logging.warning("xbt.model (stage 2) is not available: no xbt / xbt+old throughput")
     out = {"items": count}

@@ -90,7 +90,7 @@ def _spaces(models, xbt=None):
     if xbt is not None:
         from xbt.evaluation import BlendedText
 
-        spaces += [Space("xbt", xbt, "xbt-test"), Space("xbt+old", BlendedText(xbt, 0.5), "xbt-test+old", ("text",))]
+        spaces += [Space("xbt", xbt, "xbt-test"), Space("xbt+old", BlendedText("xbt", "old", 0.5), "xbt-test+old", ("text",))]
     return spaces
 
 

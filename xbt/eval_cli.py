@@ -54,11 +54,12 @@ def model_spaces(old: str, new: str, adapter: str | None, blend_alpha: float, de
         model = XBTModel.from_pretrained(adapter, backbone=encoders["new"], device=device)
         # LoRA now sits in the new backbone; its native space is the same model with the adapters off.
         spaces["new"] = Space("new", NativeSpace(model), encoders["new"].fingerprint, info=spaces["new"].info)
-        model.use_old_encoder(encoders["old"])  # blending uses --old, and refuses an old model ψ was not made for
+        model.use_old_encoder(encoders["old"])  # refuses an old model ψ was not made for
         info = {"adapter": str(adapter), "fingerprint_of": "new backbone + ψ + LoRA weights"}
         spaces["xbt"] = Space("xbt", model, model.fingerprint, info=info)
-        spaces["xbt+old"] = Space("xbt+old", BlendedText(model, blend_alpha), f"{model.fingerprint}+old@{blend_alpha}",
-                                  ("text",), info={**info, "blend_alpha": blend_alpha})
+        spaces["xbt+old"] = Space("xbt+old", BlendedText("xbt", "old", blend_alpha),
+                                  f"{model.fingerprint}+old@{blend_alpha}", ("text",),
+                                  info={**info, "blend_alpha": blend_alpha})
     return list(spaces.values())
 
 

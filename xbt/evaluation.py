@@ -147,15 +147,21 @@ class Space:
 
 
 class BlendedText:
-    """Text queries of an adapter blended with the old text encoder's (``encode_text(texts, blend_old=alpha)``)."""
+    """Text queries of the ``adapted`` space blended with the ``old`` space's at ``alpha``.
 
-    def __init__(self, model, alpha: float):
+    The same as ``XBTModel.encode_text(texts, blend_old=alpha)``, but computed from both spaces'
+    embeddings of the evaluation captions, which are encoded anyway: nothing is encoded twice.
+    """
+
+    def __init__(self, adapted: str, old: str, alpha: float):
         if not 0.0 <= alpha <= 1.0:
             raise InputError(f"The blend weight alpha must lie in [0, 1], got {alpha}.")
-        self.model, self.alpha = model, alpha
+        self.adapted, self.old, self.alpha = adapted, old, alpha
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(texts, blend_old=self.alpha)
+    def blend(self, adapted: np.ndarray, old: np.ndarray) -> np.ndarray:
+        from .model import blend_embeddings
+
+        return blend_embeddings(torch.from_numpy(adapted), torch.from_numpy(old), self.alpha).numpy()
 
 
 class NativeSpace:
@@ -308,6 +314,13 @@ def _encode_all(eval_set: EvalSet, spaces: Sequence[Space], baselines: dict, ski
     text: dict[str, Labeled] = {}
     image: dict[str, Labeled] = {}
     for space in spaces:
+        if isinstance(space.encoder, BlendedText):
+            blend = space.encoder
+            if blend.adapted not in text or blend.old not in text:
+                raise InputError(f"Space {space.name!r} blends {blend.adapted!r} with {blend.old!r}: list both "
+                                 f"spaces before it.")
+            text[space.name] = Labeled(blend.blend(text[blend.adapted].vectors, text[blend.old].vectors), owners)
+            continue
         if "text" in space.modalities:
             text[space.name] = Labeled(encode_space(space, eval_set, "text", cache), owners)
         if "image" in space.modalities and space.name not in skip_images:
