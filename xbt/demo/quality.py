@@ -1,39 +1,32 @@
 """Exact brute-force Recall@K of one model on one image–caption split (both directions).
 
-A small stand-in used by the demo and its tests to check that trained models retrieve
-what they should; the pipeline's evaluation (gallery caches, faiss, compatibility
-matrix) lives in :mod:`xbt.retrieval`.
+Used by the demo and its tests to check that trained models retrieve what they should;
+the search and the metric are :mod:`xbt.retrieval`'s, as in ``xbt eval``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..backbones import DualEncoder
 from ..images import ImageLike
-
-DIRECTIONS = ("text→image", "image→text")
+from ..retrieval import DIRECTIONS, Labeled
+from ..retrieval import recall_at_k as retrieval_recall
 
 
 def recall_at_k(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, caption_owner: torch.Tensor,
                 ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float]]:
-    """Recall@K in percent, as DESIGN.md defines it.
+    """Recall@K in percent, both directions, through :func:`xbt.retrieval.recall_at_k` (DESIGN.md's definition).
 
-    text→image: a caption query hits if its image is among the top K images.
-    image→text: an image query hits if ANY of its captions is among the top K captions.
     ``caption_owner[j]`` is the index of the image caption ``j`` describes.
     """
-    scores = text_embeddings @ image_embeddings.T  # (captions, images)
-    top_images = scores.topk(max(ks), dim=1).indices
-    top_captions = scores.T.topk(max(ks), dim=1).indices
-    image_hits = top_images == caption_owner[:, None]
-    caption_hits = caption_owner[top_captions] == torch.arange(len(image_embeddings))[:, None]
-    return {
-        direction: {k: round(100.0 * hits[:, :k].any(dim=1).float().mean().item(), 2) for k in ks}
-        for direction, hits in zip(DIRECTIONS, (image_hits, caption_hits))
-    }
+    images = Labeled(image_embeddings.numpy(), np.arange(len(image_embeddings)))
+    captions = Labeled(text_embeddings.numpy(), caption_owner.numpy())
+    return {direction: {k: round(value, 2) for k, value in retrieval_recall(queries, gallery, ks).items()}
+            for direction, (queries, gallery) in zip(DIRECTIONS, ((captions, images), (images, captions)))}
 
 
 def flatten_captions(captions: Sequence[Sequence[str]]) -> tuple[list[str], torch.Tensor]:
