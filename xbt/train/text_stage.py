@@ -180,12 +180,13 @@ def train_text_stage(
     projection = Projection.build(cache.dims["new"], cache.dims["old"], projection_config, **fingerprints)
     checkpoint = resolve_resume(output_dir, config.resume)
     init = ("random" if projection.kind == "orthogonal" else "ridge") if config.init == "auto" else config.init
+    fitted: dict[str, Projection] = {}  # baselines fitted here are reused at the end, not fitted twice
     if init != "random" and checkpoint is None:
         if projection.kind == "orthogonal":
             raise InputError("init from a baseline applies to 'linear' and 'mlp' ψ; use init='random' for 'orthogonal'.")
         # the residual MLP starts at zero, so training starts from this closed-form map
-        fitted = fit_on_training_pairs(init, cache, train_indices, config.ridge_alpha)
-        projection.linear.load_state_dict(fitted.linear.state_dict())
+        fitted[init] = fit_on_training_pairs(init, cache, train_indices, config.ridge_alpha, **fingerprints)
+        projection.linear.load_state_dict(fitted[init].linear.state_dict())
     # cosine and MSE use no temperature; a trainable one without gradients would break DDP.
     learnable = config.learnable_temperature and config.loss == "infonce"
     model = TextStageModel(projection, Temperature(config.temperature, learnable=learnable))
@@ -249,7 +250,7 @@ def train_text_stage(
     summary = None
     if accelerator.is_main_process:
         summary = _finish(unwrapped, cache, train_indices, validation_new, validation_old, config, projection_config,
-                          history, total_steps, processes, time.perf_counter() - started, validate())
+                          history, total_steps, processes, time.perf_counter() - started, validate(), fitted)
     accelerator.wait_for_everyone()
     return summary if summary is not None else json.loads((output_dir / SUMMARY_FILE).read_text())
 
@@ -264,7 +265,7 @@ def fit_on_training_pairs(name: str, cache: EmbeddingCache, train_indices, ridge
 
 def _finish(model: TextStageModel, cache: EmbeddingCache, train_indices, validation_new, validation_old,
             config: TextStageConfig, projection_config: ProjectionConfig, history, total_steps, processes, seconds,
-            final) -> dict:
+            final, fitted: dict[str, Projection]) -> dict:
     """Save ψ, fit and score the baselines, write metrics.jsonl and the summary beside ψ."""
     output_dir = Path(config.output_dir)
     model.projection.save_pretrained(output_dir)
@@ -272,7 +273,8 @@ def _finish(model: TextStageModel, cache: EmbeddingCache, train_indices, validat
                     "old_fingerprint": model.projection.old_fingerprint}
     baselines = {}
     for name in config.baseline_names:
-        baseline = fit_on_training_pairs(name, cache, train_indices, config.ridge_alpha, **fingerprints)
+        baseline = fitted.get(name) or fit_on_training_pairs(name, cache, train_indices, config.ridge_alpha,
+                                                             **fingerprints)
         baseline.save_pretrained(output_dir / "baselines" / name)
         baselines[name] = evaluate(baseline, validation_new, validation_old, config.loss,
                                    float(model.temperature().detach()), min(config.batch_size, len(train_indices)))
