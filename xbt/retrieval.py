@@ -363,7 +363,7 @@ class PartlyReplaced:
 def backfill_curve(queries: Labeled, old_gallery: Labeled, reembedded: np.ndarray,
                    replaceable_rows: np.ndarray | None = None,
                    fractions: Sequence[float] = tuple(i / 10 for i in range(11)), seed: int = 0,
-                   ks: Sequence[int] = DEFAULT_KS, config: SearchConfig | None = None) -> dict:
+                   ks: Sequence[int] = DEFAULT_KS, config: SearchConfig | None = None, validate: bool = True) -> dict:
     """Recall when a fraction p of the gallery has been re-embedded (the rest left old).
 
     ``reembedded[i]`` is the new-space embedding of gallery row ``replaceable_rows[i]`` (default:
@@ -377,8 +377,9 @@ def backfill_curve(queries: Labeled, old_gallery: Labeled, reembedded: np.ndarra
     bad = [p for p in fractions if not 0.0 <= p <= 1.0]
     if bad:
         raise InputError(f"Backfill fractions must lie in [0, 1]; got {bad}.")
-    check_vectors(reembedded, "Backfill: re-embedded gallery")
-    check_pair(queries, old_gallery, "Backfill")
+    if validate:  # callers that checked the vectors already skip a full pass over a large gallery
+        check_vectors(reembedded, "Backfill: re-embedded gallery")
+        check_pair(queries, old_gallery, "Backfill")
     order = backfill_order(len(rows), seed)
     recall: dict[int, list[float]] = {int(k): [] for k in ks}
     for p in tqdm(fractions, desc="backfill", unit="step", disable=len(old_gallery) < 100_000):
