@@ -52,7 +52,7 @@ def build(root: Path, backend: str, device: torch.device) -> tuple[XBTModel, XBT
         backbone = load_backbone(new_ref, device=device)
         torch.manual_seed(0)
         projection = Projection.build(backbone.embed_dim, old.embed_dim, ProjectionConfig(),
-                                      new_fingerprint=backbone.fingerprint, old_fingerprint=old.fingerprint)
+                                      source_space=backbone.fingerprint, target_space=old.fingerprint)
         model = XBTModel(backbone, projection, AdapterConfig(), old_reference=old_ref).to(device)
         with torch.no_grad():
             for parameter in model.lora_parameters():

@@ -59,12 +59,12 @@ def test_fits_stream_over_a_memory_mapped_cache_and_save_like_a_trained_projecti
     cache = build_cache(tmp_path / "cache", sources, [str(i) for i in range(300)], dtype="float32", shard_size=64,
                         progress=False)
     monkeypatch.setattr("xbt.baselines.CHUNK_ROWS", 50)  # several chunks across several shards
-    fingerprints = {"new_fingerprint": "synthetic-new", "old_fingerprint": "synthetic-old"}
+    fingerprints = {"source_space": "synthetic-new", "target_space": "synthetic-old"}
     for name in ("procrustes", "ridge"):
         projection = fit_baseline(name, cache["new"], cache["old"], **fingerprints)
         projection.save_pretrained(tmp_path / name)
         loaded = Projection.from_pretrained(tmp_path / name)
-        assert loaded.kind == "linear" and loaded.old_fingerprint == "synthetic-old"
+        assert loaded.kind == "linear" and loaded.target_space == "synthetic-old"
         inputs = torch.from_numpy(new[:20])
         expected = torch.nn.functional.normalize(inputs @ torch.from_numpy(truth.T).float(), dim=-1)
         torch.testing.assert_close(loaded(inputs), expected, atol=1e-3, rtol=0)

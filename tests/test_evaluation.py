@@ -71,8 +71,8 @@ def models(tiny_refs, tmp_path_factory):
     old, new = load_backbone(tiny_refs["open_clip"]), load_backbone(new_ref)
     train = [f"a {c} {s} number {i}" for c in COLOURS for s in SHAPES for i in range(12)]
     solution = torch.linalg.lstsq(new.encode_text(train), old.encode_text(train)).solution  # (48, 32)
-    projection = Projection.from_linear_map(solution.T, new_fingerprint=new.fingerprint,
-                                            old_fingerprint=old.fingerprint).eval()
+    projection = Projection.from_linear_map(solution.T, source_space=new.fingerprint,
+                                            target_space=old.fingerprint).eval()
     return {"old_ref": tiny_refs["open_clip"], "new_ref": new_ref, "old": old, "new": new, "projection": projection}
 
 
@@ -239,7 +239,7 @@ def test_cli_writes_every_output_for_models_and_a_projection_baseline(models, ev
     assert len(list((output / "cache").glob("*.safetensors"))) == 4  # old/new × text/image; baselines not cached
 
     # A projection made for other models is refused.
-    stranger = Projection.from_linear_map(torch.zeros(32, 48), new_fingerprint="hf-0000", old_fingerprint=None)
+    stranger = Projection.from_linear_map(torch.zeros(32, 48), source_space="hf-0000", target_space=None)
     stranger.save_pretrained(tmp_path / "stranger")
     assert cli(["eval", "--old", models["old_ref"], "--new", models["new_ref"], "--projection", f"s={tmp_path / 'stranger'}",
                 "--eval-set", str(eval_folder), "--output", str(tmp_path / "x")]) == 2

@@ -43,7 +43,7 @@ def _adapter(tiny_refs, seed: int) -> XBTModel:
     backbone, old = load_backbone(tiny_refs["hf"]), load_backbone(tiny_refs["open_clip"])
     torch.manual_seed(seed)
     projection = Projection.build(backbone.embed_dim, old.embed_dim, ProjectionConfig(kind="linear"),
-                                  new_fingerprint=backbone.fingerprint, old_fingerprint=old.fingerprint)
+                                  source_space=backbone.fingerprint, target_space=old.fingerprint)
     model = XBTModel(backbone, projection, old_reference=tiny_refs["open_clip"])
     with torch.no_grad():  # LoRA B starts at zero: give each adapter an effect of its own
         for parameter in model.lora_parameters():

@@ -42,7 +42,7 @@ def make_model(new_ref: str, old_ref: str, adapter: AdapterConfig | None = None,
     backbone, old = load_backbone(new_ref), load_backbone(old_ref)
     torch.manual_seed(3)
     projection = Projection.build(backbone.embed_dim, old.embed_dim, ProjectionConfig(kind="mlp"),
-                                  new_fingerprint=backbone.fingerprint, old_fingerprint=old.fingerprint)
+                                  source_space=backbone.fingerprint, target_space=old.fingerprint)
     model = XBTModel(backbone, projection, adapter, old_reference=old_ref)
     if perturb:
         with torch.no_grad():

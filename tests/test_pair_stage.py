@@ -70,8 +70,8 @@ def setup(tmp_path_factory) -> Setup:
     old_ref = BUILDERS["open_clip"](root / "old", TinyClipConfig(embed_dim=24, width=32, seed=1))
     new, old = load_backbone(new_ref), load_backbone(old_ref)
     torch.manual_seed(0)
-    Projection.build(new.embed_dim, old.embed_dim, ProjectionConfig(kind="mlp"), new_fingerprint=new.fingerprint,
-                     old_fingerprint=old.fingerprint).save_pretrained(root / "psi")
+    Projection.build(new.embed_dim, old.embed_dim, ProjectionConfig(kind="mlp"), source_space=new.fingerprint,
+                     target_space=old.fingerprint).save_pretrained(root / "psi")
     ids = write_pairs(root / "data", IMAGES)
     # The user's stored old image gallery, in a shuffled order, with its ids in a text file.
     good = old.encode_image([root / "data" / name for name in ids[:IMAGES]]).numpy()

@@ -43,7 +43,7 @@ def results(tmp_path_factory) -> dict[str, dict[str, float]]:
 
     corpus = [line for line in pair.corpus.read_text().splitlines() if line.strip()][:3000]
     fit_ridge(new.encode_text(corpus).numpy(), old.encode_text(corpus).numpy(), alpha=1e-4,
-              new_fingerprint=new.fingerprint, old_fingerprint=old.fingerprint).save_pretrained(root / "psi")
+              source_space=new.fingerprint, target_space=old.fingerprint).save_pretrained(root / "psi")
     train_paths, _ = read_split(pair.train)
     np.save(root / "gallery.npy", old.encode_image(train_paths).numpy())  # the user's stored old gallery
     (root / "gallery_ids.txt").write_text("\n".join(path.name for path in train_paths))

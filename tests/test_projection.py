@@ -30,7 +30,7 @@ def test_orthogonal_map_is_an_isometry_with_extra_dims():
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "orthogonal"])
 def test_save_and_load_round_trip_through_safetensors(kind, tmp_path):
-    psi = Projection(12, 10, kind=kind, new_fingerprint="hf-aaaa", old_fingerprint="open_clip-bbbb")
+    psi = Projection(12, 10, kind=kind, source_space="hf-aaaa", target_space="open_clip-bbbb")
     with torch.no_grad():
         for parameter in psi.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
@@ -40,14 +40,14 @@ def test_save_and_load_round_trip_through_safetensors(kind, tmp_path):
     loaded = Projection.from_pretrained(tmp_path)
     x = torch.randn(6, 12)
     torch.testing.assert_close(loaded(x), psi(x))
-    assert (loaded.kind, loaded.new_fingerprint, loaded.old_fingerprint) == (kind, "hf-aaaa", "open_clip-bbbb")
+    assert (loaded.kind, loaded.source_space, loaded.target_space) == (kind, "hf-aaaa", "open_clip-bbbb")
 
 
 def test_refuses_other_models_and_wrong_dimensions():
-    psi = Projection(12, 10, new_fingerprint="hf-aaaa", old_fingerprint="open_clip-bbbb")
-    psi.check_models("hf-aaaa", "open_clip-bbbb")
-    with pytest.raises(FingerprintMismatchError, match="new model hf-aaaa.*hf-cccc"):
-        psi.check_models(new_fingerprint="hf-cccc")
+    psi = Projection(12, 10, source_space="hf-aaaa", target_space="open_clip-bbbb")
+    psi.check_spaces("hf-aaaa", "open_clip-bbbb")
+    with pytest.raises(FingerprintMismatchError, match="space hf-cccc.*space hf-aaaa.*another new model"):
+        psi.check_spaces(source="hf-cccc")
     with pytest.raises(InputError, match="dimension 12, got 7"):
         psi(torch.randn(2, 7))
 

@@ -50,7 +50,7 @@ def test_training_lowers_validation_loss_and_raises_recall(tmp_path, cache):
     assert saved["validation"] == trained
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 7
     psi = Projection.from_pretrained(run)
-    assert psi.kind == "mlp" and psi.old_fingerprint == cache.fingerprints["old"].removesuffix(":text")
+    assert psi.kind == "mlp" and psi.target_space == cache.fingerprints["old"].removesuffix(":text")
     for name in ("procrustes", "ridge"):
         baseline = Projection.from_pretrained(run / "baselines" / name)
         assert baseline.kind == "linear"

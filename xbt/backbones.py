@@ -121,6 +121,20 @@ class DualEncoder(nn.Module, ABC):
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return f"{self.backend}-{digest.hexdigest()[:16]}"
 
+    # -- the Encoder protocol (xbt.spaces) ----------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.embed_dim
+
+    @property
+    def model_id(self) -> str:
+        return self.fingerprint
+
+    @property
+    def space_id(self) -> str:
+        """A native model writes into its own space, named by its fingerprint."""
+        return self.fingerprint
+
     def lora_target_modules(
         self, towers: Sequence[str] = TOWERS, layers: Sequence[str] = LAYER_KINDS
     ) -> str:

@@ -38,7 +38,7 @@ def _chunks(new, old) -> Iterator[tuple[np.ndarray, np.ndarray]]:
                np.asarray(old[start:start + CHUNK_ROWS], dtype=np.float64))
 
 
-def fit_procrustes(new, old, **fingerprints) -> Projection:
+def fit_procrustes(new, old, **spaces) -> Projection:
     """Orthogonal W (zero-padded when dims differ) minimising ‖new·Wᵀ − old‖; ``new`` (N, d_new), ``old`` (N, d_old)."""
     new_dim, old_dim = new.shape[1], old.shape[1]
     size = max(new_dim, old_dim)
@@ -48,10 +48,10 @@ def fit_procrustes(new, old, **fingerprints) -> Projection:
     left, _, right = np.linalg.svd(cross)
     rotation = left @ right  # (size, size) orthogonal; old_padded ≈ new_padded @ rotation.T
     weight = torch.from_numpy(rotation[:old_dim, :new_dim]).float()
-    return Projection.from_linear_map(weight, **fingerprints)
+    return Projection.from_linear_map(weight, **spaces)
 
 
-def fit_ridge(new, old, alpha: float = 1e-3, **fingerprints) -> Projection:
+def fit_ridge(new, old, alpha: float = 1e-3, **spaces) -> Projection:
     """Affine W, b minimising ‖new·Wᵀ + b − old‖² + alpha·N·‖W‖² (the penalty scales with the number of pairs)."""
     if alpha < 0:
         raise InputError(f"Ridge alpha must be >= 0, got {alpha}.")
@@ -71,7 +71,7 @@ def fit_ridge(new, old, alpha: float = 1e-3, **fingerprints) -> Projection:
     solution = np.linalg.solve(gram + alpha * count * np.eye(new_dim), cross)  # (new_dim, old_dim)
     bias = old_mean - new_mean @ solution
     return Projection.from_linear_map(torch.from_numpy(solution.T).float(), torch.from_numpy(bias).float(),
-                                      **fingerprints)
+                                      **spaces)
 
 
 BASELINES: dict[str, Callable[..., Projection]] = {"procrustes": fit_procrustes, "ridge": fit_ridge}

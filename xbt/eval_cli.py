@@ -77,7 +77,7 @@ def load_projections(named: dict[str, str], spaces: list[Space]) -> dict:
         if not Path(folder).is_dir():
             raise InputError(f"Projection folder {folder!r} (for {name!r}) does not exist.")
         projection = Projection.from_pretrained(folder).eval()
-        projection.check_models(new_fingerprint=fingerprints.get("new"), old_fingerprint=fingerprints.get("old"))
+        projection.check_spaces(source=fingerprints.get("new"), target=fingerprints.get("old"))
         projections[name] = projection
     return projections
 

@@ -133,12 +133,12 @@ class XBTModel(nn.Module):
         if projection.new_dim != backbone.embed_dim:
             raise InputError(f"ψ expects new-space vectors of dimension {projection.new_dim}, but the backbone "
                              f"{backbone.reference} produces {backbone.embed_dim}. Use the ψ trained for this model.")
-        projection.check_models(new_fingerprint=backbone.fingerprint, old_fingerprint=old_fingerprint)
+        projection.check_spaces(source=backbone.space_id, target=old_fingerprint)
         self.backbone = backbone
         self.projection = projection
         self.adapter = adapter or AdapterConfig()
         self.old_reference = old_reference
-        self.old_fingerprint = old_fingerprint or projection.old_fingerprint
+        self.old_fingerprint = old_fingerprint or projection.target_space
         self.training_summary = dict(training or {})
         self.merged = False
         self._old_encoder: DualEncoder | None = None
@@ -175,6 +175,27 @@ class XBTModel(nn.Module):
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return f"xbt-{digest.hexdigest()[:16]}" + ("-merged" if self.merged else "")
+
+    # -- the Encoder protocol (xbt.spaces) ----------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Dimension of the vectors it writes (the target space's)."""
+        return self.projection.old_dim
+
+    @property
+    def model_id(self) -> str:
+        """What this adapter is: the identity of its current weights (see :attr:`fingerprint`)."""
+        return self.fingerprint
+
+    @property
+    def space_id(self) -> str | None:
+        """The space its vectors live in: the target (old) space, not its own."""
+        return self.projection.target_space or self.old_fingerprint
+
+    @property
+    def source_space_id(self) -> str:
+        """The new backbone's native space (``space="new"``)."""
+        return self.backbone.space_id
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The adapter weights (the only backbone parameters that ever train)."""
@@ -402,8 +423,8 @@ class XBTModel(nn.Module):
                 f"(fingerprint {backbone.fingerprint}). Pass the model it was trained on."
             )
         old = config["old_model"]
-        projection = Projection(**config["projection"], new_fingerprint=new["fingerprint"],
-                                old_fingerprint=old["fingerprint"])
+        projection = Projection(**config["projection"], source_space=new["fingerprint"],
+                                target_space=old["fingerprint"])
         _load_weights(projection, load_file(str(folder / PROJECTION_FILE)), folder / PROJECTION_FILE)
         lora = config["lora"]
         _check_mha_behaviour(lora.get("peft_mha_out_proj_factor"), folder)

@@ -11,8 +11,9 @@ Three shapes, all returning L2-normalised vectors in the old space:
   of the new space.
 
 Saved and loaded through huggingface_hub's ``PyTorchModelHubMixin`` (config.json +
-model.safetensors; nothing is unpickled). The config records the fingerprints of the
-models ψ was made for, so it can refuse to be used with others.
+model.safetensors; nothing is unpickled). The config records the ids of the
+spaces ψ maps between (``source_space``: the new model's, ``target_space``: the old
+model's, see :mod:`xbt.spaces`), so it can refuse to be used with others.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from .errors import FingerprintMismatchError, InputError, ModelLoadError
+from .errors import InputError, ModelLoadError
+from .spaces import check_same_space
 
 KINDS = ("linear", "mlp", "orthogonal")
 
@@ -54,14 +56,14 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
         kind: str = "mlp",
         hidden_dim: int | None = None,
         extra_dims: int = 0,
-        new_fingerprint: str | None = None,
-        old_fingerprint: str | None = None,
+        source_space: str | None = None,
+        target_space: str | None = None,
     ):
         super().__init__()
         ProjectionConfig(kind, hidden_dim, extra_dims)  # validates
         self.new_dim, self.old_dim, self.kind = new_dim, old_dim, kind
         self.extra_dims = extra_dims
-        self.new_fingerprint, self.old_fingerprint = new_fingerprint, old_fingerprint
+        self.source_space, self.target_space = source_space, target_space
         if kind == "orthogonal":
             self.linear = parametrizations.orthogonal(nn.Linear(new_dim, old_dim + extra_dims, bias=False))
         else:
@@ -74,8 +76,8 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
             nn.init.zeros_(self.residual[-1].bias)
 
     @classmethod
-    def build(cls, new_dim: int, old_dim: int, config: ProjectionConfig, **fingerprints) -> Projection:
-        return cls(new_dim, old_dim, **asdict(config), **fingerprints)
+    def build(cls, new_dim: int, old_dim: int, config: ProjectionConfig, **spaces) -> Projection:
+        return cls(new_dim, old_dim, **asdict(config), **spaces)
 
     def extended(self, new_embeddings: torch.Tensor) -> torch.Tensor:
         """Unnormalised output including any extra (non-compatible) dimensions."""
@@ -91,15 +93,12 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
         """Normalised old-space vectors: the first ``old_dim`` coordinates, renormalised."""
         return nn.functional.normalize(self.extended(new_embeddings)[..., : self.old_dim], dim=-1)
 
-    def check_models(self, new_fingerprint: str | None = None, old_fingerprint: str | None = None) -> None:
-        """Raise :class:`FingerprintMismatchError` if ψ was made for other models than these."""
-        for role, expected, given in (("new", self.new_fingerprint, new_fingerprint),
-                                      ("old", self.old_fingerprint, old_fingerprint)):
-            if expected and given and expected != given:
-                raise FingerprintMismatchError(
-                    f"This projection was trained for the {role} model {expected}, but is being used with "
-                    f"{given}. Retrain it for this model or load the model it was made for."
-                )
+    def check_spaces(self, source: str | None = None, target: str | None = None) -> None:
+        """Raise :class:`FingerprintMismatchError` if ψ maps between other spaces than these."""
+        check_same_space(self.source_space, source, "The input model",
+                         "This ψ was trained for another new model; retrain it or load the model it was made for.")
+        check_same_space(self.target_space, target, "The target model",
+                         "This ψ maps into another old space; retrain it or use the old model it was made for.")
 
     @classmethod
     def _load_as_pickle(cls, model, model_file, map_location, strict):
@@ -107,10 +106,10 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
         raise ModelLoadError(f"{model_file} is a pickle; xbt loads projections from model.safetensors only.")
 
     @classmethod
-    def from_linear_map(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **fingerprints) -> Projection:
+    def from_linear_map(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **spaces) -> Projection:
         """A ``linear`` ψ with given weight ``(old_dim, new_dim)`` and bias (training-free baselines)."""
         old_dim, new_dim = weight.shape
-        projection = cls(new_dim, old_dim, kind="linear", **fingerprints)
+        projection = cls(new_dim, old_dim, kind="linear", **spaces)
         with torch.no_grad():
             projection.linear.weight.copy_(weight)
             projection.linear.bias.copy_(bias if bias is not None else torch.zeros(old_dim))

@@ -258,7 +258,7 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
         listing = list(iter_captions(source))
         ids, captions = [i for i, _ in listing], [c for _, c in listing]
         position_of = {identifier: position for position, identifier in enumerate(ids)}
-        old_text = old_text_source(config.old_model, projection.old_fingerprint, projection.old_dim,
+        old_text = old_text_source(config.old_model, projection.target_space, projection.old_dim,
                                    accelerator.device, batch_size=cache.encode_batch_size)
         targets = build_targets(ids, captions, old_text, cache, config.old_image_embeddings, config.old_image_ids,
                                 process=accelerator).to(accelerator.device)

@@ -175,9 +175,9 @@ def train_text_stage(
     checkpoint_every = config.checkpoint_every or steps_per_epoch
 
     set_seed(config.seed)
-    fingerprints = {"new_fingerprint": cache.fingerprints["new"].removesuffix(":text"),
-                    "old_fingerprint": cache.fingerprints["old"].removesuffix(":text")}
-    projection = Projection.build(cache.dims["new"], cache.dims["old"], projection_config, **fingerprints)
+    spaces = {"source_space": cache.fingerprints["new"].removesuffix(":text"),
+                    "target_space": cache.fingerprints["old"].removesuffix(":text")}
+    projection = Projection.build(cache.dims["new"], cache.dims["old"], projection_config, **spaces)
     checkpoint = resolve_resume(output_dir, config.resume)
     init = ("random" if projection.kind == "orthogonal" else "ridge") if config.init == "auto" else config.init
     fitted: dict[str, Projection] = {}  # baselines fitted here are reused at the end, not fitted twice
@@ -185,7 +185,7 @@ def train_text_stage(
         if projection.kind == "orthogonal":
             raise InputError("init from a baseline applies to 'linear' and 'mlp' ψ; use init='random' for 'orthogonal'.")
         # the residual MLP starts at zero, so training starts from this closed-form map
-        fitted[init] = fit_on_training_pairs(init, cache, train_indices, config.ridge_alpha, **fingerprints)
+        fitted[init] = fit_on_training_pairs(init, cache, train_indices, config.ridge_alpha, **spaces)
         projection.linear.load_state_dict(fitted[init].linear.state_dict())
     # cosine and MSE use no temperature; a trainable one without gradients would break DDP.
     learnable = config.learnable_temperature and config.loss == "infonce"
@@ -256,11 +256,11 @@ def train_text_stage(
 
 
 def fit_on_training_pairs(name: str, cache: EmbeddingCache, train_indices, ridge_alpha: float,
-                          **fingerprints) -> Projection:
+                          **spaces) -> Projection:
     """A training-free baseline ψ fitted on the cached training pairs (streamed from the memory map)."""
     options = {"alpha": ridge_alpha} if name == "ridge" else {}
     return fit_baseline(name, cache.subset("new", train_indices), cache.subset("old", train_indices), **options,
-                        **fingerprints)
+                        **spaces)
 
 
 def _finish(model: TextStageModel, cache: EmbeddingCache, train_indices, validation_new, validation_old,
@@ -269,12 +269,12 @@ def _finish(model: TextStageModel, cache: EmbeddingCache, train_indices, validat
     """Save ψ, fit and score the baselines, write metrics.jsonl and the summary beside ψ."""
     output_dir = Path(config.output_dir)
     model.projection.save_pretrained(output_dir)
-    fingerprints = {"new_fingerprint": model.projection.new_fingerprint,
-                    "old_fingerprint": model.projection.old_fingerprint}
+    spaces = {"source_space": model.projection.source_space,
+                    "target_space": model.projection.target_space}
     baselines = {}
     for name in config.baseline_names:
         baseline = fitted.get(name) or fit_on_training_pairs(name, cache, train_indices, config.ridge_alpha,
-                                                             **fingerprints)
+                                                             **spaces)
         baseline.save_pretrained(output_dir / "baselines" / name)
         baselines[name] = evaluate(baseline, validation_new, validation_old, config.loss,
                                    float(model.temperature().detach()), min(config.batch_size, len(train_indices)))
@@ -285,7 +285,7 @@ def _finish(model: TextStageModel, cache: EmbeddingCache, train_indices, validat
         "stage": "text", "projection": asdict(projection_config), "config": asdict(config),
         "cache": {"path": str(cache.path), "count": cache.count, "dtype": cache.manifest["dtype"],
                   "items_fingerprint": cache.items_fingerprint, "corpus": cache.metadata.get("captions")},
-        "fingerprints": fingerprints, "train_captions": int(len(train_indices)),
+        "spaces": spaces, "train_captions": int(len(train_indices)),
         "validation_captions": int(len(validation_new)), "steps": total_steps, "processes": processes,
         "train_seconds": round(seconds, 3), "temperature": 1.0 / float(model.temperature().detach()),
         "untrained": history[0] if history and history[0]["step"] == 0 else None,
