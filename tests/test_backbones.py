@@ -312,3 +312,17 @@ def test_cli_version_help_and_info(tiny_refs):
     assert (info["embed_dim"], info["backend"], info["family"]) == (32, "hf", "clip")
     bad = subprocess.run(xbt + ["info", "hf:/not/here"], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_a_clip_variant_with_a_projection_dim_loads_as_the_clip_family(tmp_path):
+    from transformers import AutoConfig, MetaClip2Config, MetaClip2Model
+
+    # A CLIP folder (tokenizer, processor) whose model is replaced by MetaCLIP 2, an unregistered CLIP variant.
+    reference = BUILDERS["hf"](tmp_path, TinyClipConfig())
+    clip = AutoConfig.from_pretrained(tmp_path)
+    MetaClip2Model(MetaClip2Config(text_config=clip.text_config.to_dict(), vision_config=clip.vision_config.to_dict(),
+                                   projection_dim=clip.projection_dim)).save_pretrained(tmp_path)
+    encoder = load_backbone(reference)
+    assert type(encoder) is FAMILIES["clip"] and type(encoder.model).__name__ == "MetaClip2Model"
+    assert encoder.encode_text(CAPTIONS).shape == (len(CAPTIONS), 32)
+    assert any(re.fullmatch(encoder.lora_target_modules(), name) for name, _ in encoder.model.named_modules())
