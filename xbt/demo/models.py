@@ -1,4 +1,4 @@
-"""Tiny CLIP models built from configs, saved in each library's own on-disk format.
+"""Tiny CLIP models (and a tiny SigLIP) built from configs, saved in each library's own on-disk format.
 
 Nothing is downloaded: weights are random (seeded) until the demo trains them. The
 transformers side gets a real CLIP BPE tokenizer built from the vocabulary file that
