@@ -1,8 +1,8 @@
 """Every contact xbt has with peft: LoRA injected in place, saved, loaded, switched off and merged.
 
 peft's public functional API (``peft.functional``, meant for integrations that do not
-wrap the model in a ``PeftModel``) covers injection, the adapter state dict and
-gradients; this module uses it for those. It has no call to switch adapters off or to
+wrap the model in a ``PeftModel``) covers injection and the adapter state dict; this
+module uses it for those. It has no call to switch adapters off or to
 merge them, so for those two this module calls the tuner layers' own methods
 (``BaseTunerLayer.enable_adapters`` / ``merge``, which transformers' and diffusers' peft
 integrations call too), and nothing outside this module touches a peft layer.
@@ -48,13 +48,15 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def inject(model: nn.Module, adapter: AdapterConfig, target_modules: str | Sequence[str], base_name: str) -> None:
-    """Put fresh LoRA layers (B = 0: the model computes what it did) on ``target_modules``; only they train.
+    """Put fresh LoRA layers (B = 0: the model computes what it did) on ``target_modules``.
+
+    peft freezes everything else: afterwards only the LoRA weights train.
 
     ``target_modules`` is a peft full-match regex (a backbone preset) or a list of module
     names (``AdapterConfig.target_modules``); ``base_name`` is recorded in ``adapter_config.json``.
     """
     from peft import LoraConfig
-    from peft.functional import inject_adapter_in_model, set_requires_grad
+    from peft.functional import inject_adapter_in_model
 
     config = LoraConfig(r=adapter.lora_rank, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
                         target_modules=target_modules, base_model_name_or_path=base_name)
@@ -63,9 +65,6 @@ def inject(model: nn.Module, adapter: AdapterConfig, target_modules: str | Seque
     except ValueError as error:  # peft: no module of the model matches target_modules
         raise InputError(f"target_modules {target_modules!r} matches no layer peft can adapt in {base_name} "
                          f"({error})") from error
-    for parameter in model.parameters():  # the base model is frozen, whatever it was before
-        parameter.requires_grad_(False)
-    set_requires_grad(model, ADAPTER_NAME, requires_grad=True)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
