@@ -131,7 +131,7 @@ class PushConfig:
 
 
 def push_command(argv) -> int:
-    """``xbt push --adapter_dir DIR --repo_id ORG/NAME``: publish an adapter directory with its model card."""
+    """Publish an adapter directory (with its model card and optionally an evaluation) to the Hugging Face Hub."""
     from .config import parse_configs
 
     (options,) = parse_configs([PushConfig], argv, prog="xbt push", description=push_command.__doc__)

@@ -56,8 +56,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "xbt_config.json"
 PROJECTION_DIR = "projection"
-SPACES = ("target", "source", "full")
-"""``space=`` values of :meth:`XBTModel.encode_text` / :meth:`XBTModel.encode_image`."""
+TARGET, SOURCE, FULL = "target", "source", "full"
+SPACES = (TARGET, SOURCE, FULL)
+"""``space=`` values of :meth:`XBTModel.encode_text` / :meth:`XBTModel.encode_image` (default ``TARGET``)."""
 BLEND_METHODS = ("linear", "slerp")
 FORMAT_VERSION = 2
 
@@ -213,7 +214,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
     def encode_text(
         self,
         texts: Sequence[str],
-        space: str = "target",
+        space: str = TARGET,
         blend_old: float = 0.0,
         blend_method: str = "linear",
         batch_size: int = 256,
@@ -229,9 +230,9 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
             blend_method: ``"linear"`` (renormalised weighted sum) or ``"slerp"``.
         """
         self._check_space(space)
-        if blend_old and space != "target":
+        if blend_old and space != TARGET:
             raise InputError(f"blend_old mixes into the old (target) space; it cannot be used with space={space!r}.")
-        if space == "source":
+        if space == SOURCE:
             with self.adapters_disabled():
                 return self.backbone.encode_text(texts, batch_size=batch_size, progress=progress)
         embeddings = self._project(self.backbone.encode_text(texts, batch_size=batch_size, progress=progress), space)
@@ -243,22 +244,22 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
     def encode_image(
         self,
         images: Sequence[ImageLike] | torch.Tensor,
-        space: str = "target",
+        space: str = TARGET,
         batch_size: int = 128,
         progress: bool | None = None,
     ) -> torch.Tensor:
         """Normalised float32 image embeddings on the CPU in ``space`` (one of :data:`SPACES`)."""
         self._check_space(space)
-        if space == "source":
+        if space == SOURCE:
             with self.adapters_disabled():
                 return self.backbone.encode_image(images, batch_size=batch_size, progress=progress)
         return self._project(self.backbone.encode_image(images, batch_size=batch_size, progress=progress), space)
 
-    def _project(self, new_embeddings: torch.Tensor, space: str = "target") -> torch.Tensor:
+    def _project(self, new_embeddings: torch.Tensor, space: str = TARGET) -> torch.Tensor:
         device = next(self.projection.parameters()).device
         with torch.inference_mode():
             new_embeddings = new_embeddings.to(device)
-            if space == "full":
+            if space == FULL:
                 return F.normalize(self.projection.extended(new_embeddings), dim=-1).float().cpu()
             return self.projection(new_embeddings).float().cpu()
 
@@ -267,7 +268,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
             raise InputError(f"space must be one of {SPACES} (the old space through the adapters, the native new "
                              f"model, or the full vectors of a ψ with extra dims), got {space!r}. For the old model "
                              f"itself use its own encoder.")
-        if space == "full" and not self.projection.extra_dims:
+        if space == FULL and not self.projection.extra_dims:
             raise InputError(f"space='full' needs a ψ with extra dims (kind 'orthogonal', extra_dims > 0); this "
                              f"one is {self.projection.kind!r} with extra_dims=0, so its full vectors are the "
                              f"space='target' ones.")
