@@ -279,6 +279,9 @@ def test_wrong_backbone_and_broken_directories_are_refused(backend, tiny_refs, o
     assert model.backbone.fingerprint in str(caught.value) and wrong.fingerprint in str(caught.value)
     with pytest.raises(ModelLoadError, match="not an xbt adapter directory"):
         XBTModel.from_pretrained(tmp_path / "other")
+    for missing in (tmp_path / "nowhere", "./nowhere"):
+        with pytest.raises(ModelLoadError, match="nowhere' does not exist"):
+            XBTModel.from_pretrained(missing)
     with pytest.raises(InputError, match="already carries LoRA"):
         XBTModel(model.backbone, model.projection)
     config = json.loads((folder / "xbt_config.json").read_text())

@@ -360,6 +360,8 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         # The mixin's own from_pretrained first fetches a root config.json, which an adapter
         # has no use for (its configuration is xbt_config.json) and which fails offline; the
         # loading itself is the mixin's _from_pretrained hook.
+        if isinstance(pretrained_model_name_or_path, Path) and not pretrained_model_name_or_path.is_dir():
+            raise ModelLoadError(f"Adapter folder {str(pretrained_model_name_or_path)!r} does not exist.")
         return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
                                     cache_dir=cache_dir, force_download=force_download,
                                     local_files_only=local_files_only, token=token, backbone=backbone, device=device)
