@@ -94,7 +94,7 @@ def test_explicit_target_modules_override_the_presets(backend, tiny_refs, old_re
     loaded = XBTModel.from_pretrained(tmp_path / "adapter")
     assert loaded.adapter.target_modules == targets
     assert torch.equal(loaded.encode_text(TEXTS), model.encode_text(TEXTS))
-    with pytest.raises(InputError, match="target_modules \\['no_such_layer'\\] matches no layer"):
+    with pytest.raises(InputError, match="target_modules \\['no_such_layer'\\] match no module"):
         make_model(tiny_refs[backend], old_refs[other(backend)], AdapterConfig(target_modules=["no_such_layer"]))
 
 

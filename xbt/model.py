@@ -134,9 +134,8 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
     @property
     def target_modules(self) -> str | list[str]:
         """What peft adapts: ``adapter.target_modules`` when given, else the backbone's presets."""
-        if self.adapter.target_modules is not None:
-            return self.adapter.target_modules
-        return self.backbone.lora_target_modules(self.adapter.lora_towers, self.adapter.lora_layers)
+        return self.backbone.lora_target_modules(self.adapter.lora_towers, self.adapter.lora_layers,
+                                                 target_modules=self.adapter.target_modules)
 
     # -- the Encoder protocol (xbt.spaces) ----------------------------------------------
     @property

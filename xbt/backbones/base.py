@@ -23,12 +23,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapter_config import LAYER_KINDS, TOWERS
 from ..errors import InputError, ModelLoadError
 from ..images import ImageLike, as_rgb_image
 from ..references import ModelRef
 
-TOWERS = ("vision", "text")
-LAYER_KINDS = ("attention", "mlp")
 PROGRESS_THRESHOLD = 2048  # items; smaller inputs encode without a progress bar
 _SHOWN_NAMES = 6  # module names listed when explicit LoRA targets match nothing
 
