@@ -152,7 +152,8 @@ def cell_role(query: Space, gallery: Space) -> str | None:
 
 
 def plan_cells(spaces: Sequence[Space], available: dict[str, tuple[set[str], set[str]]]) -> list[PlannedCell]:
-    """Every cell the spaces make, in report order (direction, role, then the order the spaces were given).
+    """Every cell the spaces make, in report order (direction, role, gallery, the gallery's own queries first,
+    then the order the spaces were given).
 
     ``available[direction]`` names the spaces that have query vectors and gallery vectors in that direction.
     """
@@ -172,7 +173,7 @@ def plan_cells(spaces: Sequence[Space], available: dict[str, tuple[set[str], set
                                              gallery.space_id))
     order = {name: position for position, name in enumerate(by_name)}
     return sorted(cells, key=lambda c: (DIRECTIONS.index(c.direction), ROLES.index(c.role), order[c.gallery],
-                                        order[c.query]))
+                                        c.query != c.gallery, order[c.query]))
 
 
 def score_cells(cells: Sequence[Any]) -> None:
