@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image, ImageDraw
 
 from xbt import InputError, load_backbone
@@ -452,6 +453,15 @@ def test_cli_on_stored_embeddings_only(tmp_path, capsys):
     with Image.open(output / "backfill.png") as image:
         image.verify()
     assert "**stored old (gallery)**: 300 vectors of dimension 16" in (output / "report.md").read_text()
+    # The same run from --config FILE.yaml (lists as YAML lists); a flag overrides the file.
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({
+        "galleries": [f"old={tmp_path / 'old.npy'}", f"xbt={tmp_path / 'xbt.npy'}"], "gallery_ids": str(tmp_path / "ids.npy"),
+        "queries": [f"old={tmp_path / 'q_old.npy'}", f"xbt={tmp_path / 'q_xbt.npy'}"], "query_ids": str(tmp_path / "qids.npy"),
+        "output_dir": str(tmp_path / "from_file"), "ks": [1, 5, 10]}))
+    assert cli(["eval", "--config", str(tmp_path / "eval.yaml"), "--ks", "1", "5"]) == 0
+    from_file = json.loads((tmp_path / "from_file" / "metrics.json").read_text())
+    assert from_file["ks"] == [1, 5] and [c["recall"]["1"] for c in from_file["cells"]] == \
+        [c["recall"]["1"] for c in report["cells"]]
     np.save(tmp_path / "qids_bad.npy", ids[targets] + 1)
     assert cli(["eval", "--galleries", f"old={tmp_path / 'old.npy'}", "--gallery_ids", str(tmp_path / "ids.npy"),
                 "--queries", f"old={tmp_path / 'q_old.npy'}", "--query_ids", str(tmp_path / "qids_bad.npy"),

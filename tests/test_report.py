@@ -114,3 +114,25 @@ def test_approximate_search_adds_exact_recall_and_loss():
     assert cell["recall_loss"] == {k: cell["exact_recall"][k] - cell["recall"][k] for k in ("1", "5", "10")}
     rows = _table_rows(markdown(report))
     assert rows[(cell["direction"], cell["name"])][-3:] == [f"{cell['exact_recall'][k]:.1f}" for k in ("1", "5", "10")]
+
+
+def test_the_model_card_lists_the_compatibility_cells_by_role(tmp_path):
+    """model-index holds the cells whose role is compatibility or blended, whatever they are called."""
+    import yaml
+
+    from xbt.model_card import render_model_card
+
+    report = json.loads(json.dumps(_report()))
+    for cell in report["cells"]:  # names that say nothing: v3 writes v1's space
+        cell["name"] = cell["name"].replace("xbt", "v3").replace("old", "v1")
+    folder = tmp_path / "adapter"
+    (folder / "eval").mkdir(parents=True)
+    (folder / "eval" / "metrics.json").write_text(json.dumps(report))
+    model = {"reference": "hf:/models/m", "fingerprint": "hf-1234", "embed_dim": 8}
+    (folder / "xbt_config.json").write_text(json.dumps({"old_model": model, "new_model": model, "projection": {},
+                                                        "lora": {}, "training": {}}))
+    meta = yaml.safe_load(render_model_card(folder, repo_id="team/x").split("---")[1])
+    listed = [metric["name"] for result in meta["model-index"][0]["results"] for metric in result["metrics"]]
+    expected = [f"R@{k} {c['name']}" for d in ("text→image", "image→text") for c in report["cells"]
+                if c["direction"] == d and c["role"] == "compatibility" for k in ("1", "5", "10")]
+    assert listed == expected == ["R@1 v3→v1", "R@5 v3→v1", "R@10 v3→v1"] * 2
