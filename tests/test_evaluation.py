@@ -22,7 +22,6 @@ from xbt.evaluation.encode import (
     encoder_space,
     native_space,
     projected_space,
-    stored_space,
 )
 from xbt.evaluation.plan import (
     ADAPTER,
@@ -422,6 +421,7 @@ def test_cli_refuses_a_folder_that_is_no_adapter(models, eval_folder, tmp_path, 
     (["--galleries", "old=a.npy", "--queries", "old=b.npy", "--gallery_modality", "audio"], "--gallery_modality"),
     (["--eval_set", "x", "--old_model", "a", "--new_model", "b", "--baselines", "xbt=dir"], "--baselines name 'xbt'"),
     (["--eval_set", "x", "--old_model", "a", "--new_model", "b", "--blend_alpha", "2"], "--blend_alpha"),
+    (["--galleries", "old=a.npy", "--galleries", "xbt=b.npy", "--queries", "old=c.npy"], "--galleries is given 2 times"),
 ])
 def test_cli_refuses_bad_options_in_one_line(argv, message, tmp_path, capsys):
     assert cli(["eval", "--output_dir", str(tmp_path / "out"), *argv]) == 2

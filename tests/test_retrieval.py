@@ -12,6 +12,8 @@ from xbt.retrieval import (
     SearchConfig,
     backfill_curve,
     evaluate_cell,
+    MISS,
+    first_hit_rank,
     load_embeddings,
     recall_at_k,
     search,
@@ -72,6 +74,18 @@ def test_recall_matches_brute_force_with_ties_several_captions_and_large_k(shard
     # Ties decide the outcome here: many equal scores, and the lower row wins.
     scores = captions.vectors @ images.vectors.T
     assert (np.sort(scores, 1)[:, -1] == np.sort(scores, 1)[:, -2]).mean() > 0.2
+
+
+def test_missing_results_are_never_hits_whatever_the_ids():
+    """An approximate index returns fewer than k rows (row −1); no id, not even "-1", matches a missing row."""
+    rng = np.random.default_rng(8)
+    gallery = Labeled(rng.normal(size=(200, 8)).astype(np.float32), np.array(["-1", *map(str, range(199))]))
+    queries = Labeled(rng.normal(size=(50, 8)).astype(np.float32), np.full(50, "-1"))
+    result = search(queries.vectors, gallery.vectors, 60, SearchConfig("IVF20,Flat", "nprobe=1"))
+    assert (result.rows < 0).any()
+    expected = [next((rank for rank, row in enumerate(rows) if row >= 0 and gallery.labels[row] == "-1"), MISS)
+                for rows in result.rows]
+    assert first_hit_rank(result, queries.labels, gallery.labels).tolist() == expected
 
 
 def test_ties_go_to_the_lower_gallery_row():

@@ -96,8 +96,8 @@ class EvalArguments:
             raise InputError(f"--shard_rows must be at least 1, got {self.shard_rows}.")
         for name in named(self.baselines, "--baselines"):
             if name in RESERVED:
-                raise InputError(f"--baselines name {name!r} is the name of a space of xbt eval ({', '.join(RESERVED)}); "
-                                 f"pick another, e.g. 'procrustes'.")
+                raise InputError(f"--baselines name {name!r} is the name of a space of xbt eval "
+                                 f"({', '.join(RESERVED)}); pick another, e.g. 'procrustes'.")
         named(self.galleries, "--galleries")
         named(self.queries, "--queries")
         if self.eval_set is None and not (self.galleries and self.queries):
@@ -191,15 +191,30 @@ def stored_spaces(galleries: dict, queries: dict) -> list:
     return spaces
 
 
+LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks")
+
+
+def _check_list_flags_once(argv: Sequence[str]) -> None:
+    """A list option takes all its values after one flag; argparse would silently keep only the last repeat."""
+    for flag in LIST_FLAGS:
+        given = [arg for arg in argv if arg == flag or arg.startswith(f"{flag}=")]
+        if len(given) > 1:
+            raise InputError(f"{flag} is given {len(given)} times; give it once with all its values, "
+                             f"e.g. {flag} A=PATH B=PATH.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    (args,) = parse_configs([EvalArguments], list(argv or []), prog="xbt eval", description=__doc__)
+    argv = list(argv or [])
+    _check_list_flags_once(argv)
+    (args,) = parse_configs([EvalArguments], argv, prog="xbt eval", description=__doc__)
     from .evaluation import EvalConfig, evaluate, load_eval_set
     from .report import write_report
     from .retrieval import SearchConfig, load_embeddings
 
     # Everything cheap to check is read and checked before any model is loaded or anything encoded.
     eval_set = load_eval_set(args.eval_set, args.id_column, args.split) if args.eval_set else None
-    galleries = {name: load_embeddings(path, args.gallery_ids) for name, path in named(args.galleries, "--galleries").items()}
+    galleries = {name: load_embeddings(path, args.gallery_ids)
+                 for name, path in named(args.galleries, "--galleries").items()}
     queries = {name: load_embeddings(path, args.query_ids) for name, path in named(args.queries, "--queries").items()}
     spaces = model_spaces(args) if eval_set is not None else stored_spaces(galleries, queries)
     config = EvalConfig(ks=tuple(args.ks), seed=args.seed,
@@ -211,8 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = write_report(report, output)
     k = str(args.ks[0])
     for cell in report["cells"]:
-        compatible = "" if cell["compatible"] is None else ("  compatible" if cell["compatible"][k] else "  NOT compatible")
-        print(f"{cell['direction']:>11} {cell['name']:<24} {cell['role']:<14} R@{k} {cell['recall'][k]:5.1f}{compatible}")
+        compatible = "" if cell["compatible"] is None else (
+            "  compatible" if cell["compatible"][k] else "  NOT compatible")
+        print(f"{cell['direction']:>11} {cell['name']:<24} {cell['role']:<14} R@{k} {cell['recall'][k]:5.1f}"
+              f"{compatible}")
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

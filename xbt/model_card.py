@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .evaluation.plan import BLENDED_ROLE, COMPATIBILITY, DIRECTIONS
+from .io import atomic_write_text
 
 TEMPLATE = "adapter.md"
 CARD_ROLES = (COMPATIBILITY, BLENDED_ROLE)
@@ -87,6 +88,4 @@ def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
 
 def write_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
     """Render and write ``README.md`` into the adapter directory; returns its path."""
-    path = Path(folder) / "README.md"
-    path.write_text(render_model_card(folder, repo_id), encoding="utf-8")
-    return path
+    return atomic_write_text(Path(folder) / "README.md", render_model_card(folder, repo_id))

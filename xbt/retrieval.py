@@ -36,8 +36,9 @@ from .errors import InputError
 from .evaluation.plan import DEFAULT_KS, DIRECTIONS, EXACT
 from .io import read_ids
 
-__all__ = ["DIRECTIONS", "DEFAULT_KS", "EXACT", "SearchConfig", "Labeled", "SearchResult", "CellResult", "check_vectors",
-           "check_pair", "search", "recall_at_k", "evaluate_cell", "backfill_curve", "load_embeddings", "uses_gpu"]
+__all__ = ["DIRECTIONS", "DEFAULT_KS", "EXACT", "SearchConfig", "Labeled", "SearchResult", "CellResult",
+           "check_vectors", "check_pair", "search", "recall_at_k", "evaluate_cell", "backfill_curve",
+           "load_embeddings", "uses_gpu"]
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,8 +35,6 @@ from .plan import (
     Derivation,
     Space,
 )
-
-logger = logging.getLogger(__name__)
 
 ENCODE_CHUNK = 512  # images decoded per encoder call: bounds memory whatever the cache's shard size
 CACHE_DTYPE = "float32"  # evaluation vectors are cached exactly as the encoders return them
@@ -168,7 +165,8 @@ def projected_space(name: str, projection: torch.nn.Module, source: Space, space
 
 
 def blended_space(name: str, adapter: Space, old: Space, alpha: float) -> Space:
-    """Text queries of ``adapter`` blended with ``old``'s at weight ``alpha`` (``XBTModel.encode_text(blend_old=α)``)."""
+    """Text queries of ``adapter`` blended with ``old``'s at weight ``alpha``, as
+    ``XBTModel.encode_text(blend_old=alpha)`` does, from vectors that are encoded anyway."""
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"The blend weight alpha must lie in [0, 1], got {alpha}.")
     check_same_space(old.space_id, adapter.space_id, f"The adapter {adapter.name!r} blended with {old.name!r}")

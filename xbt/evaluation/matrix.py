@@ -1,4 +1,4 @@
-"""One evaluation: vectors for every space, the planned cells searched and scored, the backfill curve, the report dict."""
+"""One evaluation: vectors for every space, the planned cells searched and scored, the backfill curve, the report."""
 
 from __future__ import annotations
 
