@@ -74,8 +74,9 @@ def test_push_then_pull_by_repo_id_revision_and_offline(adapters, tiny_refs, tmp
     root, models = adapters
     eval_dir = tmp_path / "eval"
     data = write_split(tmp_path / "evalset", "shapes", 12, seed=5, split="test")
-    assert cli(["eval", "--old", tiny_refs["open_clip"], "--new", tiny_refs["hf"], "--adapter", str(root / "v1"),
-                "--eval-set", str(data), "--output", str(eval_dir)]) == 0
+    assert cli(["eval", "--old_model", tiny_refs["open_clip"], "--new_model", tiny_refs["hf"],
+                "--adapter", str(root / "v1"),
+                "--eval_set", str(data), "--output_dir", str(eval_dir)]) == 0
 
     with HubServer() as hub:
         env = _env(tmp_path, hub.endpoint)

@@ -151,7 +151,7 @@ def test_siglip_as_the_new_or_the_old_model_round_trips(role, siglip_ref, tiny_r
     assert texts.shape == (len(CAPTIONS), old.embed_dim) and pictures.shape == (len(images), old.embed_dim)
     assert model.space_id == old.space_id and model.source_space_id == new.space_id
     # The adapters act, and switching them off gives the plain new backbone back.
-    native = model.encode_text(CAPTIONS, space="new")
+    native = model.encode_text(CAPTIONS, space="source")
     assert not torch.allclose(new.encode_text(CAPTIONS), native, atol=1e-3)  # the backbone now carries live LoRA
     torch.testing.assert_close(native, load_backbone(new_ref).encode_text(CAPTIONS), atol=1e-5, rtol=0)
 

@@ -54,7 +54,7 @@ def attach_evaluation(folder: str | Path, eval_dir: str | Path) -> list[Path]:
     """Copy an ``xbt eval`` output (metrics.json, report.md, plots) into ``folder/eval``; returns the copies."""
     source, target = Path(eval_dir), Path(folder) / "eval"
     if not (source / "metrics.json").is_file():
-        raise InputError(f"{str(source)!r} holds no metrics.json; pass the --output folder of `xbt eval`.")
+        raise InputError(f"{str(source)!r} holds no metrics.json; pass the --output_dir folder of `xbt eval`.")
     target.mkdir(exist_ok=True)
     copies = []
     for path in sorted(source.iterdir()):

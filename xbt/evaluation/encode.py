@@ -23,6 +23,7 @@ from ..cache import EmbeddingSource, build_cache
 from ..data.pairs import FolderImages, PairDataConfig, PairSource, open_pairs
 from ..errors import InputError
 from ..io import check_unique_ids
+from ..model import SOURCE
 from ..retrieval import Labeled
 from ..spaces import check_same_space
 from .plan import (
@@ -38,7 +39,6 @@ from .plan import (
 
 ENCODE_CHUNK = 512  # images decoded per encoder call: bounds memory whatever the cache's shard size
 CACHE_DTYPE = "float32"  # evaluation vectors are cached exactly as the encoders return them
-NATIVE = "new"  # the `space` value with which XBTModel.encode_* returns the new model's own vectors
 
 
 # ---------------------------------------------------------------------------------
@@ -136,10 +136,10 @@ class NativeEncoder:
         return self.model.backbone.model_id
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.model.encode_text(texts, space=NATIVE)
+        return self.model.encode_text(texts, space=SOURCE)
 
     def encode_image(self, images: Sequence[Any]) -> torch.Tensor:
-        return self.model.encode_image(images, space=NATIVE)
+        return self.model.encode_image(images, space=SOURCE)
 
 
 def native_space(name: str, model: Any, info: dict[str, Any] | None = None) -> Space:
