@@ -80,10 +80,17 @@ def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
         repo_id=repo_id or str(folder),
         old_reference=old["reference"], old_fingerprint=old["fingerprint"], old_dim=old["embed_dim"],
         new_reference=new["reference"], new_fingerprint=new["fingerprint"], new_dim=new["embed_dim"],
-        adapter=_bullets({"projection": config.get("projection"), "lora": config.get("lora")}),
+        source_space=config.get("source_space"), target_space=config.get("target_space"),
+        adapter=_bullets({"projection": _projection_config(Path(folder)), "lora": config.get("lora")}),
         training=_bullets(config.get("training")),
         evaluation=evaluation,
     )
+
+
+def _projection_config(folder: Path) -> dict[str, Any] | None:
+    """ψ's own config (``projection/config.json``, as stage 1 writes it)."""
+    path = folder / "projection" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
