@@ -1,0 +1,302 @@
+"""``xbt export``: exported checkpoints load without xbt and give XBTModel's vectors.
+
+The equivalence battery builds tiny real adapters (non-zero LoRA, an old model of ANOTHER
+dimension), exports each one, and loads every export in ONE subprocess in which importing
+xbt raises ImportError and the repository is not on the path, with the export's own
+library only (transformers, open_clip, onnxruntime). Its vectors must equal
+``XBTModel.encode_text/encode_image`` within 1e-5 (float32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xbt import load_backbone
+from xbt.demo.models import BUILDERS, TinyClipConfig
+from xbt.errors import InputError, ModelLoadError
+from xbt.export import ExportConfig, choose_format, fold_linear, fold_right, run, unfoldable_reason
+from xbt.model import XBTModel
+from xbt.projection import Projection
+
+OLD_DIM = 24
+TEXTS = ["a red circle", "two blue squares on the green grass near a tall tree", "a star", "a small triangle"]
+TOLERANCE = 1e-5
+
+# (backend, requested format, ψ kind, format the export must end up in)
+EXPORTS = [
+    ("hf", "native", "orthogonal", "native"),
+    ("open_clip", "native", "orthogonal", "native"),
+    ("hf", "onnx", "mlp", "onnx"),
+    ("open_clip", "onnx", "mlp", "onnx"),
+    ("hf", "auto", "linear-no-bias", "native"),   # a linear ψ whose bias is zero folds too
+    ("open_clip", "auto", "linear", "onnx"),      # a bias does not: auto goes to ONNX
+]
+
+# Runs in the subprocess: only the export's own libraries, never xbt.
+LOADER = r'''
+import importlib.abc, json, sys
+
+class BlockXBT(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "xbt" or name.startswith("xbt."):
+            raise ImportError(f"import of {name} is blocked: exports must load without xbt")
+        return None
+
+sys.meta_path.insert(0, BlockXBT())
+try:
+    import xbt  # noqa: F401
+    raise SystemExit("the xbt import blocker does not work")
+except ImportError:
+    pass
+
+import numpy as np
+from PIL import Image
+
+def encode(folder, texts, images):
+    manifest = json.load(open(f"{folder}/xbt_export.json"))
+    kind = (manifest["backend"], manifest["format"])
+    if kind == ("hf", "native"):
+        import torch, transformers
+        model = transformers.CLIPModel.from_pretrained(folder).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        processor = transformers.AutoImageProcessor.from_pretrained(folder)
+        tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            outputs = [model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]),
+                       model.get_image_features(pixel_values=pixels)]
+        outputs = [o if isinstance(o, torch.Tensor) else o.pooler_output for o in outputs]
+        assert model.config.projection_dim == manifest["dim"]
+        return [torch.nn.functional.normalize(o, dim=-1).numpy() for o in outputs]
+    if kind == ("open_clip", "native"):
+        import torch, open_clip
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        with torch.no_grad():
+            return [model.eval().encode_text(tokenizer(texts), normalize=True).numpy(),
+                    model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True).numpy()]
+    import onnxruntime
+    graphs = manifest["onnx"]
+    if manifest["backend"] == "hf":
+        import transformers
+        tokens = transformers.AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True,
+                                                                    return_tensors="np")
+        processor = transformers.AutoImageProcessor.from_pretrained(folder)
+        pixels = processor(images=images, return_tensors="np")["pixel_values"]
+        feeds = {name: tokens[name].astype(np.int64) for name in graphs["text"]["inputs"]}
+    else:
+        import torch, open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+        preprocess = image_transform_v2(PreprocessCfg(**json.load(open(f"{folder}/open_clip_config.json"))
+                                                      ["preprocess_cfg"]), is_train=False)
+        feeds = {"input_ids": open_clip.get_tokenizer(f"local-dir:{folder}")(texts).numpy()}
+        pixels = torch.stack([preprocess(i) for i in images]).numpy()
+    def session(name):
+        return onnxruntime.InferenceSession(f"{folder}/{graphs[name]['file']}", providers=["CPUExecutionProvider"])
+    return [session("text").run([graphs["text"]["output"]], feeds)[0],
+            session("image").run([graphs["image"]["output"]], {"pixel_values": pixels.astype(np.float32)})[0]]
+
+spec = json.loads(sys.argv[1])
+images = [Image.open(path).convert("RGB") for path in spec["images"]]
+for name, folder in spec["exports"].items():
+    text, image = encode(folder, spec["texts"], images)
+    np.save(f"{spec['out']}/{name}.text.npy", text)
+    np.save(f"{spec['out']}/{name}.image.npy", image)
+assert not any(m == "xbt" or m.startswith("xbt.") for m in sys.modules)
+'''
+
+
+@pytest.fixture(scope="module")
+def old_ref(tmp_path_factory) -> str:
+    """The OLD model: its own dimension, so an export that kept the new dimension cannot pass."""
+    return BUILDERS["open_clip"](tmp_path_factory.mktemp("old") / "model",
+                                 TinyClipConfig(embed_dim=OLD_DIM, width=32, seed=1))
+
+
+def save_adapter(folder: Path, new_ref: str, old_ref: str, kind: str) -> Path:
+    """A saved adapter with random (non-zero) LoRA B matrices; ``linear-no-bias`` is a zero-bias linear ψ."""
+    backbone, old = load_backbone(new_ref), load_backbone(old_ref)
+    torch.manual_seed(3)
+    spaces = {"source_space": backbone.fingerprint, "target_space": old.fingerprint}
+    if kind == "linear-no-bias":
+        projection = Projection.from_linear_map(torch.randn(OLD_DIM, backbone.embed_dim), **spaces)
+    else:
+        projection = Projection(backbone.embed_dim, OLD_DIM, kind=kind,
+                                extra_dims=2 if kind == "orthogonal" else 0, **spaces)
+    model = XBTModel(backbone, projection, old_reference=old_ref)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            # LoRA B starts at zero and the MLP's last layer too: make both matter
+            if "lora_B" in name or "residual.2" in name or (kind == "linear" and name == "projection.linear.bias"):
+                parameter.normal_(0.0, 0.2)
+    return model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for index, (height, width) in enumerate([(40, 48), (64, 50), (32, 32)]):
+        path = folder / f"image{index}.png"
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_refs, old_ref, image_files) -> dict[str, dict]:
+    """Every row of EXPORTS exported, loaded without xbt in one subprocess; per row: vectors, manifest, adapter."""
+    root = tmp_path_factory.mktemp("exports")
+    rows = {}
+    for backend, requested, kind, _ in EXPORTS:
+        name = f"{backend}-{requested}-{kind}"
+        adapter = save_adapter(root / f"{name}-adapter", tiny_refs[backend], old_ref, kind)
+        output = root / f"{name}-export"
+        assert run([str(adapter), "--output_dir", str(output), "--format", requested]) == 0
+        rows[name] = {"adapter": adapter, "folder": output,
+                      "manifest": json.loads((output / "xbt_export.json").read_text())}
+    vectors = root / "vectors"
+    vectors.mkdir()
+    spec = {"exports": {name: str(row["folder"]) for name, row in rows.items()}, "texts": TEXTS,
+            "images": image_files, "out": str(vectors)}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", LOADER, json.dumps(spec)], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name, row in rows.items():
+        row["text"] = np.load(vectors / f"{name}.text.npy")
+        row["image"] = np.load(vectors / f"{name}.image.npy")
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "requested", "kind", "chosen"), EXPORTS,
+                         ids=[f"{b}-{r}-{k}" for b, r, k, _ in EXPORTS])
+def test_export_loads_without_xbt_and_gives_xbt_vectors(exported, image_files, backend, requested, kind, chosen):
+    row = exported[f"{backend}-{requested}-{kind}"]
+    manifest = row["manifest"]
+    reference = XBTModel.from_pretrained(row["adapter"])
+    assert manifest["format"] == chosen and manifest["backend"] == backend
+    assert manifest["dim"] == OLD_DIM and manifest["projection"]["folded"] == (chosen == "native")
+    assert manifest["space_id"] == reference.space_id and manifest["source_space_id"] == reference.source_space_id
+    assert manifest["adapter"]["model_id"] == reference.model_id and manifest["xbt_version"]
+    expected_text, expected_image = reference.encode_text(TEXTS).numpy(), reference.encode_image(image_files).numpy()
+    assert row["text"].dtype == np.float32 and row["text"].shape == (len(TEXTS), OLD_DIM)
+    assert row["image"].shape == (len(image_files), OLD_DIM)
+    assert np.abs(row["text"] - expected_text).max() <= TOLERANCE
+    assert np.abs(row["image"] - expected_image).max() <= TOLERANCE
+    # the adapter really changes the vectors: the export is not just ψ over the plain new model
+    plain = reference.projection(reference.encode_text(TEXTS, space="new")).detach().numpy()
+    assert np.abs(plain - expected_text).max() > 1e-2
+
+
+def test_fold_formulas_equal_psi_after_normalisation():
+    generator = torch.Generator().manual_seed(0)
+    hidden, old_dim = torch.randn(5, 16, generator=generator), 6
+    layer = torch.nn.Linear(16, 10, bias=True)
+    matrix = torch.randn(old_dim, 10, generator=generator, dtype=torch.float64)
+    normalize = torch.nn.functional.normalize
+    with torch.no_grad():
+        expected = normalize(normalize(layer(hidden), dim=-1).double() @ matrix.T, dim=-1)
+        assert torch.allclose(normalize(fold_linear(layer, matrix)(hidden), dim=-1).double(), expected, atol=1e-6)
+        parameter = layer.weight.T.contiguous()  # open_clip's layout: x @ P
+        expected = normalize(normalize(hidden @ parameter, dim=-1).double() @ matrix.T, dim=-1)
+        assert torch.allclose(normalize(hidden @ fold_right(parameter, matrix), dim=-1).double(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "bias", "reason"), [
+    ("orthogonal", None, None),
+    ("linear", 0.0, None),
+    ("linear", 0.1, "non-zero bias"),
+    ("mlp", 0.0, "'mlp'"),
+])
+def test_which_psi_folds(kind, bias, reason):
+    projection = Projection(8, 4, kind=kind)
+    if bias is not None:
+        torch.nn.init.constant_(projection.linear.bias, bias)
+    found = unfoldable_reason(projection)
+    assert found is None if reason is None else reason in found
+
+
+@pytest.fixture(scope="module")
+def mlp_adapter(tmp_path_factory, tiny_refs, old_ref) -> Path:
+    return save_adapter(tmp_path_factory.mktemp("mlp") / "adapter", tiny_refs["open_clip"], old_ref, "mlp")
+
+
+@pytest.fixture(scope="module")
+def orthogonal_adapter(tmp_path_factory, tiny_refs, old_ref) -> Path:
+    return save_adapter(tmp_path_factory.mktemp("orth") / "adapter", tiny_refs["open_clip"], old_ref, "orthogonal")
+
+
+def _non_empty(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "keep.txt").write_text("user data")
+    return folder
+
+
+REFUSALS = [
+    # (name, argv builder, error type, words the one-line message must contain)
+    ("native-mlp", lambda a, o, tmp: [str(a["mlp"]), "--output_dir", str(o), "--format", "native"],
+     InputError, ["'mlp'", "--kind orthogonal", "--format onnx"]),
+    ("missing-adapter", lambda a, o, tmp: ["--adapter", str(tmp / "no_such_adapter"), "--output_dir", str(o)],
+     ModelLoadError, ["no_such_adapter", "does not exist"]),
+    ("output-not-empty", lambda a, o, tmp: [str(a["orthogonal"]), "--output_dir", str(_non_empty(o))],
+     InputError, ["not empty", "--overwrite"]),
+    ("output-is-adapter", lambda a, o, tmp: [str(a["orthogonal"]), "--output_dir", str(a["orthogonal"]),
+                                             "--overwrite"],
+     InputError, ["holds the adapter"]),
+    ("bad-format", lambda a, o, tmp: [str(a["orthogonal"]), "--output_dir", str(o), "--format", "tflite"],
+     InputError, ["--format", "tflite", "native"]),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "error", "words"), REFUSALS, ids=[row[0] for row in REFUSALS])
+def test_refusals(tmp_path, mlp_adapter, orthogonal_adapter, name, argv, error, words):
+    output = tmp_path / "out"
+    adapters = {"mlp": mlp_adapter, "orthogonal": orthogonal_adapter}
+    before = sorted(p.name for p in orthogonal_adapter.iterdir())
+    with pytest.raises(error) as raised:
+        run(argv(adapters, output, tmp_path))
+    message = str(raised.value)
+    assert "\n" not in message and all(word in message for word in words), message
+    # nothing half-written: no export, no staging folder, the user's files and the adapter untouched
+    assert not (output / "xbt_export.json").exists()
+    assert not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
+    assert sorted(p.name for p in orthogonal_adapter.iterdir()) == before
+    if (output / "keep.txt").exists():
+        assert (output / "keep.txt").read_text() == "user data"
+
+
+def test_overwrite_replaces_a_non_empty_output(tmp_path, orthogonal_adapter):
+    output = _non_empty(tmp_path / "out")
+    assert run(["--adapter", str(orthogonal_adapter), "--output_dir", str(output), "--overwrite"]) == 0
+    assert sorted(p.name for p in output.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors",
+                                                        "xbt_export.json"]
+    assert json.loads((output / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"] == OLD_DIM
+
+
+def test_auto_without_onnx_names_the_kind_and_the_foldable_option():
+    with pytest.raises(InputError, match=r"'mlp'.*onnx package is not installed.*--kind orthogonal"):
+        choose_format("auto", Projection(8, 4, kind="mlp"), onnx_available=False)
+    assert choose_format("auto", Projection(8, 4, kind="orthogonal"), onnx_available=False) == "native"
+
+
+def test_config_file_and_help(tmp_path, capsys):
+    config = tmp_path / "export.yaml"
+    config.write_text("format: native\nopset: 10\n")
+    with pytest.raises(InputError, match="--opset must be an ONNX opset version of 14 or higher, got 10"):
+        run(["adapter", "--output_dir", str(tmp_path / "out"), "--config", str(config)])
+    with pytest.raises(SystemExit) as raised:
+        run(["--help"])
+    assert raised.value.code == 0 and "--format" in capsys.readouterr().out
+    assert ExportConfig(adapter="a", output_dir="b").format == "auto"
