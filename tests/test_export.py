@@ -300,3 +300,56 @@ def test_config_file_and_help(tmp_path, capsys):
         run(["--help"])
     assert raised.value.code == 0 and "--format" in capsys.readouterr().out
     assert ExportConfig(adapter="a", output_dir="b").format == "auto"
+
+
+def _siglip(encoders):
+    from transformers import SiglipConfig, SiglipModel
+
+    from xbt.backbones import HFClipEncoder
+
+    config = SiglipConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8})
+    clip = encoders["hf"]
+    return HFClipEncoder(clip.reference, SiglipModel(config), clip.preprocess.processor, clip.tokenizer)
+
+
+def _open_clip_resnet(encoders):
+    from open_clip.model import CLIP
+
+    from xbt.backbones import OpenClipEncoder
+
+    config = {"embed_dim": 16, "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    clip = encoders["open_clip"]
+    return OpenClipEncoder(clip.reference, CLIP(**config), clip.preprocess, clip.tokenizer, config)
+
+
+@pytest.mark.parametrize(("build", "names"), [(_siglip, "SiglipModel"), (_open_clip_resnet, "ModifiedResNet")],
+                         ids=["hf-siglip", "open_clip-resnet"])
+def test_backbones_without_foldable_projections_go_to_onnx(tiny_encoders, build, names):
+    from xbt.export import backbone_unfoldable_reason
+
+    backbone = build(tiny_encoders)
+    reason = backbone_unfoldable_reason(backbone)
+    assert names in reason
+    projection = Projection(16, 4, kind="orthogonal")  # a ψ that would fold
+    with pytest.raises(InputError, match=f"{names}.*--format onnx"):
+        choose_format("native", projection, onnx_available=True, backbone_reason=reason)
+    assert choose_format("auto", projection, onnx_available=True, backbone_reason=reason) == "onnx"
+    for encoder in tiny_encoders.values():
+        assert backbone_unfoldable_reason(encoder) is None
+
+
+def test_an_export_that_does_not_reproduce_the_adapter_is_not_written(tmp_path, orthogonal_adapter, monkeypatch):
+    import xbt.export
+    from xbt.errors import XBTError
+
+    true_matrix = xbt.export.psi_matrix
+    # a fold with the old-space coordinates in the wrong order: right shapes, wrong vectors
+    monkeypatch.setattr(xbt.export, "psi_matrix", lambda projection: true_matrix(projection).flip(0))
+    with pytest.raises(XBTError, match="does not reproduce the adapter's vectors"):
+        run([str(orthogonal_adapter), "--output_dir", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []

@@ -68,6 +68,9 @@ class ExportConfig:
                                                                  "commit)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output_dir"})
     opset: int = field(default=17, metadata={"help": "ONNX opset version (onnx format only)"})
+    verify: bool = field(default=True, metadata={
+        "help": "load the written checkpoint back with its own library and check it reproduces the adapter's "
+                "vectors on a probe batch before moving it into place"})
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -125,14 +128,31 @@ def fold_right(parameter: torch.Tensor, matrix: torch.Tensor) -> torch.nn.Parame
     return torch.nn.Parameter(folded.to(parameter.dtype), requires_grad=False)
 
 
-def _fold_hf(model: XBTModel, matrix: torch.Tensor, folder: Path) -> dict[str, Any]:
-    from transformers import CLIPModel
+def backbone_unfoldable_reason(backbone) -> str | None:
+    """Why ψ cannot be folded into this backbone's projection layers, or ``None`` when it can."""
+    model = backbone.model
+    if backbone.backend == "hf":
+        from transformers import CLIPModel
 
+        if type(model) is not CLIPModel:
+            return (f"the backbone is a transformers {type(model).__name__}; xbt folds ψ only into a CLIPModel's "
+                    f"text_projection and visual_projection")
+        return None
+    if backbone.backend == "open_clip":
+        from open_clip.model import CLIP
+        from open_clip.transformer import VisionTransformer
+
+        visual = getattr(model, "visual", None)
+        if type(model) is not CLIP or not isinstance(visual, VisionTransformer) or visual.proj is None \
+                or model.text_projection is None:
+            return (f"the backbone is an open_clip {type(model).__name__} with a {type(visual).__name__} image "
+                    f"tower; xbt folds ψ only into a CLIP with a ViT image tower and projections on both towers")
+        return None
+    return f"xbt does not know how to fold ψ into a {backbone.backend!r} backbone"
+
+
+def _fold_hf(model: XBTModel, matrix: torch.Tensor, folder: Path) -> dict[str, Any]:
     clip = model.backbone.model
-    if type(clip) is not CLIPModel:
-        raise InputError(f"--format native folds ψ into a transformers CLIPModel's text_projection and "
-                         f"visual_projection; this backbone is a {type(clip).__name__}, which has no such layers "
-                         f"xbt can fold into. Use --format onnx.")
     old_dim = matrix.shape[0]
     clip.text_projection = fold_linear(clip.text_projection, matrix)
     clip.visual_projection = fold_linear(clip.visual_projection, matrix)
@@ -172,17 +192,10 @@ def _open_clip_config(model: XBTModel, old_dim: int) -> dict[str, Any]:
 
 
 def _fold_open_clip(model: XBTModel, matrix: torch.Tensor, folder: Path) -> dict[str, Any]:
-    from open_clip.model import CLIP
-    from open_clip.transformer import VisionTransformer
     from safetensors.torch import save_file
     from torch import nn
 
     clip = model.backbone.model
-    if type(clip) is not CLIP or not isinstance(clip.visual, VisionTransformer) or clip.visual.proj is None \
-            or clip.text_projection is None:
-        raise InputError(f"--format native folds ψ into an open_clip CLIP with a ViT image tower and projection "
-                         f"layers on both towers; this backbone is a {type(clip).__name__} with a "
-                         f"{type(clip.visual).__name__} image tower. Use --format onnx.")
     if isinstance(clip.text_projection, nn.Linear):
         clip.text_projection = fold_linear(clip.text_projection, matrix)
     else:
@@ -303,33 +316,43 @@ def _onnx_available() -> bool:
     return importlib.util.find_spec("onnx") is not None
 
 
-def choose_format(requested: str, projection: Projection, onnx_available: bool) -> str:
-    """``native`` or ``onnx`` for this ψ, or an InputError saying why the requested one cannot hold it."""
-    reason = unfoldable_reason(projection)
-    if requested == "native" and reason:
-        raise InputError(f"--format native cannot hold this adapter: {reason}. To export it, {FOLDABLE_HINT}.")
+def choose_format(requested: str, projection: Projection, onnx_available: bool,
+                  backbone_reason: str | None = None) -> str:
+    """``native`` or ``onnx`` for this ψ and backbone, or an InputError saying why the requested one cannot hold it.
+
+    ``backbone_reason`` is :func:`backbone_unfoldable_reason` of the backbone (``None``: it folds).
+    """
+    psi_reason = unfoldable_reason(projection)
+    if requested == "native" and psi_reason:
+        raise InputError(f"--format native cannot hold this adapter: {psi_reason}. To export it, {FOLDABLE_HINT}.")
+    if requested == "native" and backbone_reason:
+        raise InputError(f"--format native cannot hold this adapter: {backbone_reason}. Export it with "
+                         f"--format onnx (pip install 'xbt-clip[onnx]').")
     if requested == "auto":
-        if not reason:
+        if not psi_reason and not backbone_reason:
             return "native"
         if not onnx_available:
-            raise InputError(f"This adapter's ψ cannot be folded into a plain checkpoint: {reason}, and the onnx "
-                             f"package is not installed for --format onnx. Either {FOLDABLE_HINT}.")
+            fix = f"Either {FOLDABLE_HINT}" if psi_reason else "Install it: pip install 'xbt-clip[onnx]'"
+            raise InputError(f"This adapter cannot be folded into a plain checkpoint ({psi_reason or backbone_reason}) "
+                             f"and the onnx package is not installed for --format onnx. {fix}.")
         return "onnx"
     return requested
 
 
 def export_adapter(model: XBTModel, output_dir: str | Path, format: str = "auto", overwrite: bool = False,
-                   opset: int = 17, source: str | None = None) -> Path:
+                   opset: int = 17, source: str | None = None, verify: bool = True) -> Path:
     """Write ``model`` (an unmerged XBTModel) as a standalone checkpoint; returns the folder.
 
     The model is merged in place (its LoRA weights fold into the backbone), and for the
     native format its projection layers are replaced, so it should not be used afterwards.
+    With ``verify`` the written checkpoint is loaded back with its own library and must
+    reproduce the merged model's vectors on a probe batch (see :class:`_Probe`).
     """
     if format not in FORMATS:
         raise InputError(f"format must be one of {FORMATS}, got {format!r}.")
     output = Path(output_dir).expanduser().resolve()
     _check_output(output, overwrite)
-    chosen = choose_format(format, model.projection, _onnx_available())
+    chosen = choose_format(format, model.projection, _onnx_available(), backbone_unfoldable_reason(model.backbone))
     backend = model.backbone.backend
     manifest = {
         "format": chosen,
@@ -348,13 +371,13 @@ def export_adapter(model: XBTModel, output_dir: str | Path, format: str = "auto"
     try:
         model.eval()
         model.merge()
+        probe = _Probe(model)
         if chosen == "native":
-            if backend not in _FOLDERS:
-                raise InputError(f"--format native does not know how to fold ψ into a {backend!r} backbone; "
-                                 f"use --format onnx.")
             manifest.update(_FOLDERS[backend](model, psi_matrix(model.projection), staging))
         else:
             manifest.update(_export_onnx(model, staging, opset))
+        if verify:
+            manifest["verified_max_abs_diff"] = probe.check(staging, chosen, backend)
         manifest["xbt_version"] = _xbt_version()
         _write_json(staging / MANIFEST_FILE, manifest)
         if output.exists():
@@ -365,6 +388,70 @@ def export_adapter(model: XBTModel, output_dir: str | Path, format: str = "auto"
         raise
     logger.info("Exported %s (%s, %s) to %s", source or "the adapter", backend, chosen, output)
     return output
+
+
+class _Probe:
+    """Old-space vectors of the merged model on a fixed probe batch, to check an export against.
+
+    A wrong fold or graph is off by far more than float rounding, so the tolerance is
+    loose enough for float16 backbones and onnxruntime's kernels.
+    """
+
+    TOLERANCE = 1e-3
+
+    def __init__(self, model: XBTModel):
+        import torch
+
+        backbone = model.backbone
+        self.tokens = backbone.tokenize(["a photo of a dog", "two red squares and a small blue circle on grass"])
+        size = backbone.image_size
+        self.pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            image, text = model(self.pixels.to(backbone.device, backbone._dtype),
+                                {k: v.to(backbone.device) for k, v in self.tokens.items()})
+        self.expected = (text.float().cpu(), image.float().cpu())
+
+    def check(self, folder: Path, format: str, backend: str) -> float:
+        """Max abs difference of the export's vectors from the expected ones; XBTError beyond the tolerance."""
+        import torch
+        from torch.nn import functional as F
+
+        from .errors import XBTError
+
+        with torch.no_grad():
+            if format == "onnx":
+                got = self._onnx(folder)
+            elif backend == "hf":
+                from transformers import CLIPModel
+
+                clip = CLIPModel.from_pretrained(str(folder)).eval()
+                got = [clip.get_text_features(**self.tokens), clip.get_image_features(pixel_values=self.pixels.to(clip.dtype))]
+                got = [output if isinstance(output, torch.Tensor) else output.pooler_output for output in got]
+            else:
+                import open_clip
+
+                clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+                got = [clip.eval().encode_text(self.tokens["input_ids"]), clip.encode_image(self.pixels)]
+        got = [F.normalize(torch.as_tensor(vectors).float(), dim=-1) for vectors in got]
+        difference = max(float((a - b).abs().max()) for a, b in zip(got, self.expected))
+        if difference > self.TOLERANCE:
+            raise XBTError(f"The exported {format} checkpoint does not reproduce the adapter's vectors "
+                                 f"(max abs difference {difference:.2e} > {self.TOLERANCE}); nothing was written. "
+                                 f"Please report this with the adapter's xbt_config.json.")
+        return difference
+
+    def _onnx(self, folder: Path) -> list:
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise InputError("Verifying an ONNX export needs onnxruntime: pip install 'xbt-clip[onnx]'.") from error
+
+        def run(name: str, feeds: dict) -> Any:
+            session = onnxruntime.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+            return session.run(["embedding"], feeds)[0]
+
+        return [run(TEXT_ONNX, {k: v.numpy() for k, v in self.tokens.items()}),
+                run(IMAGE_ONNX, {"pixel_values": self.pixels.numpy()})]
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -408,7 +495,7 @@ def run(argv: Sequence[str]) -> int:
                          f"choose another folder.")
     model = XBTModel.from_pretrained(config.adapter, revision=config.revision)
     written = export_adapter(model, output, format=config.format, overwrite=config.overwrite, opset=config.opset,
-                             source=config.adapter)
+                             source=config.adapter, verify=config.verify)
     manifest = json.loads((written / MANIFEST_FILE).read_text())
     print(json.dumps({"output_dir": str(written), **{k: manifest[k] for k in ("format", "backend", "dim", "space_id")}},
                      indent=2))
