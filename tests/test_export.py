@@ -190,6 +190,7 @@ def test_export_loads_without_xbt_and_gives_xbt_vectors(exported, image_files, b
     assert manifest["dim"] == OLD_DIM and manifest["projection"]["folded"] == (chosen == "native")
     assert manifest["space_id"] == reference.space_id and manifest["source_space_id"] == reference.source_space_id
     assert manifest["adapter"]["model_id"] == reference.model_id and manifest["xbt_version"]
+    assert manifest["verified_max_abs_diff"] <= TOLERANCE  # export_adapter checked itself through the same files
     expected_text, expected_image = reference.encode_text(TEXTS).numpy(), reference.encode_image(image_files).numpy()
     assert row["text"].dtype == np.float32 and row["text"].shape == (len(TEXTS), OLD_DIM)
     assert row["image"].shape == (len(image_files), OLD_DIM)

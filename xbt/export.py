@@ -191,6 +191,17 @@ def _open_clip_config(model: XBTModel, old_dim: int) -> dict[str, Any]:
     return {"model_cfg": model_cfg, "preprocess_cfg": copy.deepcopy(clip.visual.preprocess_cfg)}
 
 
+def _save_open_clip_preprocessing(model: XBTModel, folder: Path, old_dim: int) -> None:
+    """``open_clip_config.json``, plus the tokenizer files when the model uses a transformers tokenizer.
+
+    ``open_clip.get_tokenizer('local-dir:DIR')`` loads such a tokenizer from DIR itself.
+    """
+    config = _open_clip_config(model, old_dim)
+    _write_json(folder / OPEN_CLIP_CONFIG, config)
+    if config["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name"):
+        model.backbone.tokenizer.tokenizer.save_pretrained(str(folder))
+
+
 def _fold_open_clip(model: XBTModel, matrix: torch.Tensor, folder: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
     from torch import nn
@@ -203,7 +214,7 @@ def _fold_open_clip(model: XBTModel, matrix: torch.Tensor, folder: Path) -> dict
     clip.visual.proj = fold_right(clip.visual.proj, matrix)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in clip.state_dict().items()}
     save_file(state, str(folder / OPEN_CLIP_WEIGHTS))
-    _write_json(folder / OPEN_CLIP_CONFIG, _open_clip_config(model, matrix.shape[0]))
+    _save_open_clip_preprocessing(model, folder, matrix.shape[0])
     return {"library": "open_clip",
             "usage": "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:DIR'); tokenizer = "
                      "open_clip.get_tokenizer('local-dir:DIR'); vectors = model.encode_text(tokens, "
@@ -272,7 +283,7 @@ def _export_onnx(model: XBTModel, folder: Path, opset: int) -> dict[str, Any]:
         preprocessing = "transformers.AutoTokenizer.from_pretrained(DIR) and AutoImageProcessor.from_pretrained(DIR)"
     else:
         # open_clip reads its tokenizer and preprocessing from this config (no weights: the graphs hold them)
-        _write_json(folder / OPEN_CLIP_CONFIG, _open_clip_config(model, model.dim))
+        _save_open_clip_preprocessing(model, folder, model.dim)
         preprocessing = ("open_clip.get_tokenizer('local-dir:DIR') and open_clip.transform.image_transform_v2("
                          "open_clip.transform.PreprocessCfg(**preprocess_cfg), is_train=False) with preprocess_cfg "
                          f"from DIR/{OPEN_CLIP_CONFIG}")
@@ -391,25 +402,24 @@ def export_adapter(model: XBTModel, output_dir: str | Path, format: str = "auto"
 
 
 class _Probe:
-    """Old-space vectors of the merged model on a fixed probe batch, to check an export against.
+    """The merged model's old-space vectors for fixed raw inputs, to check an export against.
 
-    A wrong fold or graph is off by far more than float rounding, so the tolerance is
-    loose enough for float16 backbones and onnxruntime's kernels.
+    The check starts from the same raw texts and image and goes through the export's own
+    tokenizer and preprocessing files, loaded by their libraries, as serving code would.
+    A wrong fold, graph or preprocessing file is off by far more than float rounding, so
+    the tolerance is loose enough for float16 backbones and onnxruntime's kernels.
     """
 
     TOLERANCE = 1e-3
+    TEXTS = ["a photo of a dog", "two red squares and a small blue circle on the green grass"]
 
     def __init__(self, model: XBTModel):
-        import torch
+        import numpy as np
+        from PIL import Image
 
-        backbone = model.backbone
-        self.tokens = backbone.tokenize(["a photo of a dog", "two red squares and a small blue circle on grass"])
-        size = backbone.image_size
-        self.pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            image, text = model(self.pixels.to(backbone.device, backbone._dtype),
-                                {k: v.to(backbone.device) for k, v in self.tokens.items()})
-        self.expected = (text.float().cpu(), image.float().cpu())
+        self.image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8))
+        self.token_names = list(model.backbone.tokenize(self.TEXTS[:1]).keys())
+        self.expected = (model.encode_text(self.TEXTS), model.encode_image([self.image]))
 
     def check(self, folder: Path, format: str, backend: str) -> float:
         """Max abs difference of the export's vectors from the expected ones; XBTError beyond the tolerance."""
@@ -418,40 +428,66 @@ class _Probe:
 
         from .errors import XBTError
 
+        tokens, pixels = self._inputs(folder, backend)
         with torch.no_grad():
             if format == "onnx":
-                got = self._onnx(folder)
+                got = self._onnx(folder, tokens, pixels)
             elif backend == "hf":
                 from transformers import CLIPModel
 
                 clip = CLIPModel.from_pretrained(str(folder)).eval()
-                got = [clip.get_text_features(**self.tokens), clip.get_image_features(pixel_values=self.pixels.to(clip.dtype))]
+                got = [clip.get_text_features(**tokens), clip.get_image_features(pixel_values=pixels.to(clip.dtype))]
                 got = [output if isinstance(output, torch.Tensor) else output.pooler_output for output in got]
             else:
                 import open_clip
 
                 clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-                got = [clip.eval().encode_text(self.tokens["input_ids"]), clip.encode_image(self.pixels)]
+                got = [clip.eval().encode_text(tokens["input_ids"]), clip.encode_image(pixels)]
         got = [F.normalize(torch.as_tensor(vectors).float(), dim=-1) for vectors in got]
+        if [tuple(v.shape) for v in got] != [tuple(v.shape) for v in self.expected]:
+            raise XBTError(f"The exported {format} checkpoint gives vectors of shapes {[tuple(v.shape) for v in got]}, "
+                           f"expected {[tuple(v.shape) for v in self.expected]}; nothing was written.")
         difference = max(float((a - b).abs().max()) for a, b in zip(got, self.expected))
         if difference > self.TOLERANCE:
             raise XBTError(f"The exported {format} checkpoint does not reproduce the adapter's vectors "
-                                 f"(max abs difference {difference:.2e} > {self.TOLERANCE}); nothing was written. "
-                                 f"Please report this with the adapter's xbt_config.json.")
+                           f"(max abs difference {difference:.2e} > {self.TOLERANCE}; its tokenizer, preprocessing "
+                           f"or weights differ); nothing was written. Try --format onnx, or report it with the "
+                           f"adapter's xbt_config.json.")
         return difference
 
-    def _onnx(self, folder: Path) -> list:
+    def _inputs(self, folder: Path, backend: str):
+        """Token tensors and pixels from the export's own tokenizer and preprocessing files."""
+        import torch
+
+        if backend == "hf":
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            tokens = AutoTokenizer.from_pretrained(str(folder))(self.TEXTS, padding=True, truncation=True,
+                                                                 return_tensors="pt")
+            pixels = AutoImageProcessor.from_pretrained(str(folder))(images=[self.image], return_tensors="pt")
+            return {name: tokens[name] for name in self.token_names}, pixels["pixel_values"]
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        config = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
+        preprocess = image_transform_v2(PreprocessCfg(**config["preprocess_cfg"]), is_train=False)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        return {"input_ids": tokenizer(self.TEXTS)}, torch.stack([preprocess(self.image)])
+
+    @staticmethod
+    def _onnx(folder: Path, tokens: dict, pixels) -> list:
         try:
             import onnxruntime
         except ImportError as error:
-            raise InputError("Verifying an ONNX export needs onnxruntime: pip install 'xbt-clip[onnx]'.") from error
+            raise InputError("Verifying an ONNX export needs onnxruntime: pip install 'xbt-clip[onnx]', or pass "
+                             "--verify false.") from error
 
         def run(name: str, feeds: dict) -> Any:
             session = onnxruntime.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
             return session.run(["embedding"], feeds)[0]
 
-        return [run(TEXT_ONNX, {k: v.numpy() for k, v in self.tokens.items()}),
-                run(IMAGE_ONNX, {"pixel_values": self.pixels.numpy()})]
+        return [run(TEXT_ONNX, {k: v.numpy().astype("int64") for k, v in tokens.items()}),
+                run(IMAGE_ONNX, {"pixel_values": pixels.float().numpy()})]
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
