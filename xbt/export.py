@@ -49,7 +49,8 @@ FORMATS = ("auto", "native", "onnx")
 MANIFEST_FILE = "xbt_export.json"
 TEXT_ONNX, IMAGE_ONNX = "text.onnx", "image.onnx"
 OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
-FOLDABLE_HINT = ("train a foldable ψ with --kind orthogonal (bias-free), or export it with --format onnx "
+FOLDABLE_HINT = ("train a foldable ψ with `xbt pretrain-text --kind orthogonal` (bias-free; `kind: orthogonal` in "
+                 "the stage1 section of an `xbt fit` config), or export it with --format onnx "
                  "(pip install 'xbt-clip[onnx]')")
 
 
@@ -269,7 +270,8 @@ def _export_onnx(model: XBTModel, folder: Path, opset: int) -> dict[str, Any]:
     text, image, token_names = _onnx_towers(model)
     tokens = backbone.tokenize(["a photo of a cat", "two dogs playing on the grass in the sun"])
     size = backbone.image_size
-    pixels = torch.zeros(2, 3, size, size, dtype=backbone._dtype, device=backbone.device)
+    weights = next(backbone.model.parameters())
+    pixels = torch.zeros(2, 3, size, size, dtype=weights.dtype, device=weights.device)
     token_args = tuple(tokens[name].to(backbone.device) for name in token_names)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     # nn.MultiheadAttention's inference fast path (open_clip) is one fused op ONNX has no equivalent of
@@ -309,6 +311,8 @@ def _export_graphs(text, image, token_names, token_args, pixels, folder: Path, o
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        # the towers' only advanced indexing picks the end-of-text token by argmax: never a negative index
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
         torch.onnx.export(text, token_args, str(folder / TEXT_ONNX), input_names=token_names,
                           output_names=["embedding"], opset_version=opset, dynamo=False,
                           dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in token_names},
