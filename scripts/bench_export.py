@@ -42,12 +42,13 @@ def save_adapter(folder: Path, new_ref: str, old_ref: str, kind: str) -> Path:
     torch.manual_seed(0)
     projection = Projection(backbone.embed_dim, old.embed_dim, kind=kind, source_space=backbone.fingerprint,
                             target_space=old.fingerprint)
-    model = XBTModel(backbone, projection, old_reference=old_ref)
+    model = XBTModel(backbone, projection, old_reference=old_ref, old_model_id=old.model_id)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0.0, 0.05)
-    return model.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
 
 
 def native_encoders(backend: str, folder: Path):

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from xbt import load_backbone
-from xbt.demo.models import BUILDERS, TinyClipConfig
+from xbt.demo.models import BUILDERS, FAMILY_BUILDERS, TinyClipConfig
 from xbt.errors import InputError, ModelLoadError
 from xbt.export import ExportConfig, choose_format, fold_linear, fold_right, run, unfoldable_reason
 from xbt.model import XBTModel
@@ -31,14 +31,15 @@ OLD_DIM = 24
 TEXTS = ["a red circle", "two blue squares on the green grass near a tall tree", "a star", "a small triangle"]
 TOLERANCE = 1e-5
 
-# (backend, requested format, ψ kind, format the export must end up in)
+# (backbone family, requested format, ψ kind, format the export must end up in)
 EXPORTS = [
-    ("hf", "native", "orthogonal", "native"),
+    ("clip", "native", "orthogonal", "native"),
     ("open_clip", "native", "orthogonal", "native"),
-    ("hf", "onnx", "mlp", "onnx"),
+    ("clip", "onnx", "mlp", "onnx"),
     ("open_clip", "onnx", "mlp", "onnx"),
-    ("hf", "auto", "linear-no-bias", "native"),   # a linear ψ whose bias is zero folds too
-    ("open_clip", "auto", "linear", "onnx"),      # a bias does not: auto goes to ONNX
+    ("clip", "auto", "linear-no-bias", "native"),  # a linear ψ whose bias is zero folds too
+    ("open_clip", "auto", "linear", "onnx"),       # a bias does not: auto goes to ONNX
+    ("siglip", "auto", "orthogonal", "onnx"),      # SigLIP has no projection to fold into: auto goes to ONNX
 ]
 
 # Runs in the subprocess: only the export's own libraries, never xbt.
@@ -69,7 +70,7 @@ def encode(folder, texts, images):
         model = transformers.CLIPModel.from_pretrained(folder).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         processor = transformers.AutoImageProcessor.from_pretrained(folder)
-        tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        tokens = tokenizer(texts, **manifest["tokenizer"]["call"], return_tensors="pt")
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             outputs = [model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]),
@@ -88,7 +89,7 @@ def encode(folder, texts, images):
     graphs = manifest["onnx"]
     if manifest["backend"] == "hf":
         import transformers
-        tokens = transformers.AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True,
+        tokens = transformers.AutoTokenizer.from_pretrained(folder)(texts, **manifest["tokenizer"]["call"],
                                                                     return_tensors="np")
         processor = transformers.AutoImageProcessor.from_pretrained(folder)
         pixels = processor(images=images, return_tensors="np")["pixel_values"]
@@ -116,6 +117,13 @@ assert not any(m == "xbt" or m.startswith("xbt.") for m in sys.modules)
 
 
 @pytest.fixture(scope="module")
+def new_refs(tmp_path_factory, tiny_refs) -> dict[str, str]:
+    """A NEW model per backbone family."""
+    siglip = FAMILY_BUILDERS["siglip"](tmp_path_factory.mktemp("siglip") / "model", TinyClipConfig(seed=0))
+    return {"clip": tiny_refs["hf"], "open_clip": tiny_refs["open_clip"], "siglip": siglip}
+
+
+@pytest.fixture(scope="module")
 def old_ref(tmp_path_factory) -> str:
     """The OLD model: its own dimension, so an export that kept the new dimension cannot pass."""
     return BUILDERS["open_clip"](tmp_path_factory.mktemp("old") / "model",
@@ -132,13 +140,14 @@ def save_adapter(folder: Path, new_ref: str, old_ref: str, kind: str) -> Path:
     else:
         projection = Projection(backbone.embed_dim, OLD_DIM, kind=kind,
                                 extra_dims=2 if kind == "orthogonal" else 0, **spaces)
-    model = XBTModel(backbone, projection, old_reference=old_ref)
+    model = XBTModel(backbone, projection, old_reference=old_ref, old_model_id=old.model_id)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             # LoRA B starts at zero and the MLP's last layer too: make both matter
             if "lora_B" in name or "residual.2" in name or (kind == "linear" and name == "projection.linear.bias"):
                 parameter.normal_(0.0, 0.2)
-    return model.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +163,13 @@ def image_files(tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_refs, old_ref, image_files) -> dict[str, dict]:
+def exported(tmp_path_factory, new_refs, old_ref, image_files) -> dict[str, dict]:
     """Every row of EXPORTS exported, loaded without xbt in one subprocess; per row: vectors, manifest, adapter."""
     root = tmp_path_factory.mktemp("exports")
     rows = {}
-    for backend, requested, kind, _ in EXPORTS:
-        name = f"{backend}-{requested}-{kind}"
-        adapter = save_adapter(root / f"{name}-adapter", tiny_refs[backend], old_ref, kind)
+    for family, requested, kind, _ in EXPORTS:
+        name = f"{family}-{requested}-{kind}"
+        adapter = save_adapter(root / f"{name}-adapter", new_refs[family], old_ref, kind)
         output = root / f"{name}-export"
         assert run([str(adapter), "--output_dir", str(output), "--format", requested]) == 0
         rows[name] = {"adapter": adapter, "folder": output,
@@ -180,13 +189,13 @@ def exported(tmp_path_factory, tiny_refs, old_ref, image_files) -> dict[str, dic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("backend", "requested", "kind", "chosen"), EXPORTS,
-                         ids=[f"{b}-{r}-{k}" for b, r, k, _ in EXPORTS])
-def test_export_loads_without_xbt_and_gives_xbt_vectors(exported, image_files, backend, requested, kind, chosen):
-    row = exported[f"{backend}-{requested}-{kind}"]
+@pytest.mark.parametrize(("family", "requested", "kind", "chosen"), EXPORTS,
+                         ids=[f"{f}-{r}-{k}" for f, r, k, _ in EXPORTS])
+def test_export_loads_without_xbt_and_gives_xbt_vectors(exported, image_files, family, requested, kind, chosen):
+    row = exported[f"{family}-{requested}-{kind}"]
     manifest = row["manifest"]
     reference = XBTModel.from_pretrained(row["adapter"])
-    assert manifest["format"] == chosen and manifest["backend"] == backend
+    assert manifest["format"] == chosen and manifest["family"] == family
     assert manifest["dim"] == OLD_DIM and manifest["projection"]["folded"] == (chosen == "native")
     assert manifest["space_id"] == reference.space_id and manifest["source_space_id"] == reference.source_space_id
     assert manifest["adapter"]["model_id"] == reference.model_id and manifest["xbt_version"]
@@ -197,7 +206,7 @@ def test_export_loads_without_xbt_and_gives_xbt_vectors(exported, image_files, b
     assert np.abs(row["text"] - expected_text).max() <= TOLERANCE
     assert np.abs(row["image"] - expected_image).max() <= TOLERANCE
     # the adapter really changes the vectors: the export is not just ψ over the plain new model
-    plain = reference.projection(reference.encode_text(TEXTS, space="new")).detach().numpy()
+    plain = reference.projection(reference.encode_text(TEXTS, space="source")).detach().numpy()
     assert np.abs(plain - expected_text).max() > 1e-2
 
 
@@ -303,45 +312,32 @@ def test_config_file_and_help(tmp_path, capsys):
     assert ExportConfig(adapter="a", output_dir="b").format == "auto"
 
 
-def _siglip(encoders):
-    from transformers import SiglipConfig, SiglipModel
-
-    from xbt.backbones import HFClipEncoder
-
-    config = SiglipConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8})
-    clip = encoders["hf"]
-    return HFClipEncoder(clip.reference, SiglipModel(config), clip.preprocess.processor, clip.tokenizer)
-
-
-def _open_clip_resnet(encoders):
+def _open_clip_resnet(refs):
     from open_clip.model import CLIP
 
-    from xbt.backbones import OpenClipEncoder
+    from xbt.backbones.open_clip import OpenClipEncoder
 
     config = {"embed_dim": 16, "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 32},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
-    clip = encoders["open_clip"]
+    clip = load_backbone(refs["open_clip"])
     return OpenClipEncoder(clip.reference, CLIP(**config), clip.preprocess, clip.tokenizer, config)
 
 
-@pytest.mark.parametrize(("build", "names"), [(_siglip, "SiglipModel"), (_open_clip_resnet, "ModifiedResNet")],
-                         ids=["hf-siglip", "open_clip-resnet"])
-def test_backbones_without_foldable_projections_go_to_onnx(tiny_encoders, build, names):
+@pytest.mark.parametrize(("build", "names"), [(lambda refs: load_backbone(refs["siglip"]), "SigLIP"),
+                                              (_open_clip_resnet, "ModifiedResNet")],
+                         ids=["siglip", "open_clip-resnet"])
+def test_backbones_without_foldable_projections_go_to_onnx(new_refs, build, names):
     from xbt.export import backbone_unfoldable_reason
 
-    backbone = build(tiny_encoders)
+    backbone = build(new_refs)
     reason = backbone_unfoldable_reason(backbone)
     assert names in reason
     projection = Projection(16, 4, kind="orthogonal")  # a ψ that would fold
     with pytest.raises(InputError, match=f"{names}.*--format onnx"):
         choose_format("native", projection, onnx_available=True, backbone_reason=reason)
     assert choose_format("auto", projection, onnx_available=True, backbone_reason=reason) == "onnx"
-    for encoder in tiny_encoders.values():
-        assert backbone_unfoldable_reason(encoder) is None
+    for family in ("clip", "open_clip"):
+        assert backbone_unfoldable_reason(load_backbone(new_refs[family])) is None
 
 
 def test_an_export_that_does_not_reproduce_the_adapter_is_not_written(tmp_path, orthogonal_adapter, monkeypatch):

@@ -131,15 +131,15 @@ def fold_right(parameter: torch.Tensor, matrix: torch.Tensor) -> torch.nn.Parame
 
 def backbone_unfoldable_reason(backbone) -> str | None:
     """Why ψ cannot be folded into this backbone's projection layers, or ``None`` when it can."""
-    model = backbone.model
-    if backbone.backend == "hf":
+    model, family = backbone.model, backbone.family
+    if family == "clip":
         from transformers import CLIPModel
 
         if type(model) is not CLIPModel:
             return (f"the backbone is a transformers {type(model).__name__}; xbt folds ψ only into a CLIPModel's "
                     f"text_projection and visual_projection")
         return None
-    if backbone.backend == "open_clip":
+    if family == "open_clip":
         from open_clip.model import CLIP
         from open_clip.transformer import VisionTransformer
 
@@ -149,7 +149,21 @@ def backbone_unfoldable_reason(backbone) -> str | None:
             return (f"the backbone is an open_clip {type(model).__name__} with a {type(visual).__name__} image "
                     f"tower; xbt folds ψ only into a CLIP with a ViT image tower and projections on both towers")
         return None
-    return f"xbt does not know how to fold ψ into a {backbone.backend!r} backbone"
+    if family == "siglip":
+        return ("the backbone is a SigLIP model: its image embedding ends in the pooling head's residual MLP, and "
+                "its config has no projection_dim, so no layer of a plain SiglipModel can hold ψ")
+    return f"xbt does not know how to fold ψ into a backbone of the {family!r} family"
+
+
+def tokenizer_call(backbone, token_names: list[str]) -> dict[str, Any]:
+    """How serving code must tokenise for this export (recorded in ``xbt_export.json``)."""
+    if backbone.backend == "open_clip":
+        return {"library": "open_clip", "load": "open_clip.get_tokenizer('local-dir:DIR')", "inputs": token_names}
+    # a family that pads every text to max_length (SigLIP) pads even a one-word text to it
+    padding = "max_length" if backbone.tokenize(["a"])["input_ids"].shape[1] == backbone.max_length else "longest"
+    return {"library": "transformers", "load": "transformers.AutoTokenizer.from_pretrained(DIR)",
+            "call": {"padding": padding, "truncation": True, "max_length": backbone.max_length},
+            "inputs": token_names}
 
 
 def _fold_hf(model: XBTModel, matrix: torch.Tensor, folder: Path) -> dict[str, Any]:
@@ -165,11 +179,11 @@ def _fold_hf(model: XBTModel, matrix: torch.Tensor, folder: Path) -> dict[str, A
     clip.save_pretrained(str(folder), safe_serialization=True)
     _save_hf_preprocessing(model, folder)
     return {"library": "transformers",
-            "usage": "model = transformers.CLIPModel.from_pretrained(DIR); tokenizer = "
-                     "transformers.AutoTokenizer.from_pretrained(DIR); processor = "
-                     "transformers.AutoImageProcessor.from_pretrained(DIR); vectors = L2-normalised "
-                     "model.get_text_features(**tokens).pooler_output / get_image_features(pixel_values)"
-                     ".pooler_output (a plain tensor in transformers < 5)"}
+            "usage": "model = transformers.CLIPModel.from_pretrained(DIR); tokens = "
+                     "transformers.AutoTokenizer.from_pretrained(DIR)(texts, **tokenizer['call']); pixel_values = "
+                     "transformers.AutoImageProcessor.from_pretrained(DIR)(images=images)['pixel_values']; vectors = "
+                     "L2-normalised model.get_text_features(**tokens).pooler_output / get_image_features("
+                     "pixel_values).pooler_output (a plain tensor in transformers < 5)"}
 
 
 def _save_hf_preprocessing(model: XBTModel, folder: Path) -> None:
@@ -222,7 +236,7 @@ def _fold_open_clip(model: XBTModel, matrix: torch.Tensor, folder: Path) -> dict
                      "normalize=True) / model.encode_image(pixels, normalize=True)"}
 
 
-_FOLDERS = {"hf": _fold_hf, "open_clip": _fold_open_clip}
+_FOLDERS = {"clip": _fold_hf, "open_clip": _fold_open_clip}  # by backbone family
 
 
 # ---------------------------------------------------------------------------------
@@ -230,15 +244,22 @@ _FOLDERS = {"hf": _fold_hf, "open_clip": _fold_open_clip}
 # ---------------------------------------------------------------------------------
 def _onnx_towers(model: XBTModel):
     """(text module, image module, token names): tokens/pixels -> normalised old-space vectors."""
+    import copy
+
     from torch import nn
     from torch.nn import functional as F
+    from torch.nn.utils import parametrize
 
     token_names = list(model.backbone.tokenize(["a photo"]).keys())
+    projection = copy.deepcopy(model.projection)
+    if parametrize.is_parametrized(projection.linear):
+        # the orthogonal ψ's weight as a constant: the graph need not recompute the parametrisation
+        parametrize.remove_parametrizations(projection.linear, "weight", leave_parametrized=True)
 
     class TextTower(nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone, self.projection = model.backbone, model.projection  # registered: traced as weights
+            self.backbone, self.projection = model.backbone, projection  # registered: traced as weights
 
         def forward(self, input_ids, attention_mask=None):
             tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -248,7 +269,7 @@ def _onnx_towers(model: XBTModel):
     class ImageTower(nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone, self.projection = model.backbone, model.projection
+            self.backbone, self.projection = model.backbone, projection
 
         def forward(self, pixel_values):
             return self.projection(F.normalize(self.backbone.image_features(pixel_values).float(), dim=-1))
@@ -282,7 +303,8 @@ def _export_onnx(model: XBTModel, folder: Path, opset: int) -> dict[str, Any]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     if backbone.backend == "hf":
         _save_hf_preprocessing(model, folder)
-        preprocessing = "transformers.AutoTokenizer.from_pretrained(DIR) and AutoImageProcessor.from_pretrained(DIR)"
+        preprocessing = ("transformers.AutoTokenizer.from_pretrained(DIR)(texts, **tokenizer['call']) and "
+                         "AutoImageProcessor.from_pretrained(DIR)")
     else:
         # open_clip reads its tokenizer and preprocessing from this config (no weights: the graphs hold them)
         _save_open_clip_preprocessing(model, folder, model.dim)
@@ -372,6 +394,7 @@ def export_adapter(model: XBTModel, output_dir: str | Path, format: str = "auto"
     manifest = {
         "format": chosen,
         "backend": backend,
+        "family": model.backbone.family,
         "adapter": {"model_id": model.model_id, "reference": source},
         "space_id": model.space_id,
         "source_space_id": model.source_space_id,
@@ -380,6 +403,7 @@ def export_adapter(model: XBTModel, output_dir: str | Path, format: str = "auto"
         "projection": {"kind": model.projection.kind, "extra_dims": model.projection.extra_dims,
                        "folded": chosen == "native"},
         "normalize": True,
+        "tokenizer": tokenizer_call(model.backbone, list(model.backbone.tokenize(["a"]).keys())),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -388,11 +412,11 @@ def export_adapter(model: XBTModel, output_dir: str | Path, format: str = "auto"
         model.merge()
         probe = _Probe(model)
         if chosen == "native":
-            manifest.update(_FOLDERS[backend](model, psi_matrix(model.projection), staging))
+            manifest.update(_FOLDERS[model.backbone.family](model, psi_matrix(model.projection), staging))
         else:
             manifest.update(_export_onnx(model, staging, opset))
         if verify:
-            manifest["verified_max_abs_diff"] = probe.check(staging, chosen, backend)
+            manifest["verified_max_abs_diff"] = probe.check(staging, chosen, backend, manifest["tokenizer"])
         manifest["xbt_version"] = _xbt_version()
         _write_json(staging / MANIFEST_FILE, manifest)
         if output.exists():
@@ -422,17 +446,16 @@ class _Probe:
         from PIL import Image
 
         self.image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8))
-        self.token_names = list(model.backbone.tokenize(self.TEXTS[:1]).keys())
         self.expected = (model.encode_text(self.TEXTS), model.encode_image([self.image]))
 
-    def check(self, folder: Path, format: str, backend: str) -> float:
+    def check(self, folder: Path, format: str, backend: str, tokenizer: dict[str, Any]) -> float:
         """Max abs difference of the export's vectors from the expected ones; XBTError beyond the tolerance."""
         import torch
         from torch.nn import functional as F
 
         from .errors import XBTError
 
-        tokens, pixels = self._inputs(folder, backend)
+        tokens, pixels = self._inputs(folder, backend, tokenizer)
         with torch.no_grad():
             if format == "onnx":
                 got = self._onnx(folder, tokens, pixels)
@@ -459,17 +482,16 @@ class _Probe:
                            f"adapter's xbt_config.json.")
         return difference
 
-    def _inputs(self, folder: Path, backend: str):
-        """Token tensors and pixels from the export's own tokenizer and preprocessing files."""
+    def _inputs(self, folder: Path, backend: str, tokenizer: dict[str, Any]):
+        """Token tensors and pixels from the export's own tokenizer and preprocessing files, called as recorded."""
         import torch
 
         if backend == "hf":
             from transformers import AutoImageProcessor, AutoTokenizer
 
-            tokens = AutoTokenizer.from_pretrained(str(folder))(self.TEXTS, padding=True, truncation=True,
-                                                                 return_tensors="pt")
+            tokens = AutoTokenizer.from_pretrained(str(folder))(self.TEXTS, **tokenizer["call"], return_tensors="pt")
             pixels = AutoImageProcessor.from_pretrained(str(folder))(images=[self.image], return_tensors="pt")
-            return {name: tokens[name] for name in self.token_names}, pixels["pixel_values"]
+            return {name: tokens[name] for name in tokenizer["inputs"]}, pixels["pixel_values"]
         import open_clip
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
