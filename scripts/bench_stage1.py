@@ -140,7 +140,7 @@ def memory_while_training(work: Path, rows: int, dim: int, limit_gib: float, bat
     command = [sys.executable, "-m", "xbt", "pretrain-text", "--cache_path", str(cache.path),
                "--output_dir", str(work / f"big_run-{rows}"), "--epochs", "1", "--max_steps", str(steps),
                "--batch_size", str(batch_size), "--kind", "linear", "--init", "random",
-               "--validation_size", "2000", "--baselines", "", "--checkpoint_every", "0", "--cpu"]
+               "--validation_size", "2000", "--baselines", "", "--save_steps", "0", "--cpu"]
 
     def limit_private_memory():
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
