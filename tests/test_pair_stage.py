@@ -315,3 +315,32 @@ def test_sampled_bank_keeps_every_positive_and_is_the_same_on_every_process():
     assert not torch.equal(rows, bank_rows(len(bank), positions, 64, 0, 8)[0])  # a new sample every step
     rows, positives = bank_rows(len(bank), positions, 0, 0, 0)
     assert rows == slice(None) and positives is positions
+
+
+@pytest.mark.slow
+def test_a_bad_file_only_rank_1_reads_stops_every_rank_with_one_error_line(setup, tmp_path):
+    from xbt.data.config import PairDataConfig
+    from xbt.data.pairs import PairSampler, open_pairs
+
+    data = tmp_path / "data"
+    write_pairs(data, IMAGES)
+    source = open_pairs(PairDataConfig(source=str(data), batch_size=4, seed=0))
+    # Break the images of rank 1's first batch (global batch 8: 4 per rank): only rank 1 ever reads them.
+    rank1 = [position for _, position in PairSampler(len(source), seed=0, rank=1, world_size=2)][:4]
+    for position in rank1:
+        (data / source.ids[position]).write_bytes(b"not an image")
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = [a if a != str(setup.data) else str(data) for a in _script(setup, tmp_path / "run", "--max_steps", "4",
+                                                                       "--batch_size", "8")]
+    started = time.monotonic()
+    result = subprocess.run([*launch, *args], env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True,
+                            text=True, timeout=300)  # a hang fails here
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    lines = [line for line in output.splitlines() if "error:" in line and "image-text pairs are unusable" in line]
+    assert len(lines) == 1, output[-3000:]  # printed once, by the rank that met the bad files
+    # Rank 0 stopped on the agreed error, not by crashing in a collective its peer had left.
+    assert "Connection closed by peer" not in output and "[rank0]: Traceback" not in output, output[-3000:]
+    assert not (tmp_path / "run" / "adapter").exists()
+    print(f"both ranks stopped {time.monotonic() - started:.1f} s after launch")
