@@ -4,16 +4,17 @@ Input: an :class:`~xbt.cache.EmbeddingCache` holding ``new`` and ``old`` text em
 of the same captions, and the indices of the training and validation captions. The
 text encoders never run here.
 
-The loop, top to bottom: a fixed, seeded batch order per epoch (so a resumed run sees
-exactly the batches the killed one would have); each process takes its share of every
-global batch; optional Gaussian noise on the input; the paired loss between ψ(new) and
-old; AdamW with linear warm-up then cosine decay. Every ``checkpoint_every`` steps the
-full state goes to ``OUTPUT/checkpoints/step-N`` through Accelerate's ``save_state``
-(written under a temporary name, then renamed: a half-written checkpoint is never
-resumed from); ``resume="latest"`` continues from the newest. After every epoch, and
-once before training, the validation captions are scored: loss and text→text Recall@K
-in the old space (does ψ(new caption) find the old embedding of the same caption
-among all validation captions?).
+Training is a task of the one loop (:class:`TextStageTask` through
+:func:`xbt.train.engine.train`): a fixed, seeded batch order per epoch (so a resumed run
+sees exactly the batches the killed one would have); each process takes its share of
+every global batch; optional Gaussian noise on the input; the paired loss (a
+:data:`xbt.losses.TEXT_LOSSES` kind) between ψ(new) and old; AdamW with linear warm-up
+then cosine decay. The engine owns checkpoints (every ``save_steps``, Accelerate's
+``save_state`` under a temporary name, then renamed; ``resume="latest"`` continues from
+the newest), clipping, the NaN guard, mixed precision and logging. After every epoch,
+and once before training, the validation captions are scored: loss and text→text
+Recall@K in the old space through :func:`xbt.retrieval.recall_at_k` (does ψ(new
+caption) find the old embedding of the same caption among all validation captions?).
 
 Output: ψ (``config.json`` + ``model.safetensors``, :class:`~xbt.projection.Projection`)
 in ``OUTPUT``, with ``training_summary.json`` beside it and the per-epoch metrics in
