@@ -41,7 +41,8 @@ import torch
 from xbt.backbones import load_backbone
 from xbt.cache import EmbeddingSource, build_cache, text_source
 from xbt.demo.models import TinyClipConfig, build_hf_clip, build_open_clip
-from xbt.losses import Temperature, paired_loss
+from xbt.losses import TEXT_LOSSES, Temperature
+from xbt.train.text_stage import PairedVectors
 from xbt.projection import Projection
 from xbt.train.text_stage import epoch_batches
 
@@ -75,7 +76,7 @@ def one_epoch(batches: np.ndarray, dims: tuple[int, int], fetch) -> float:
 
     def train_step(rows):
         new, old = fetch(np.sort(rows))
-        loss = paired_loss("infonce", projection(new), old, temperature())
+        loss = TEXT_LOSSES["infonce"].compute(PairedVectors(projection(new), old), temperature())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,8 @@ import torch
 from xbt import load_backbone
 from xbt.demo.models import BUILDERS, TinyClipConfig
 from xbt.losses import Temperature
-from xbt.model import AdapterConfig, XBTModel
+from xbt.adapter_config import AdapterConfig
+from xbt.model import XBTModel
 from xbt.projection import Projection, ProjectionConfig
 from xbt.train.config import PairStageConfig
 from xbt.train.pair_stage import PairTask

@@ -42,7 +42,7 @@ def config_values(tmp_path_factory) -> dict:
 
 
 def adapter_weights(folder: Path) -> dict:
-    return {**load_file(str(folder / "adapter_model.safetensors")), **load_file(str(folder / "projection.safetensors"))}
+    return {**load_file(str(folder / "adapter_model.safetensors")), **load_file(str(folder / "projection" / "model.safetensors"))}
 
 
 def same(a: dict, b: dict) -> bool:

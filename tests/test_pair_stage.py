@@ -252,7 +252,7 @@ def test_gradient_checkpointing_recomputes_tower_blocks_in_the_backward_pass(tmp
     Counted by wrapping the ``forward`` of the block's MLP (module hooks do not fire during torch's
     recomputation, and transformers checkpoints the layer class's own forward, not an instance's).
     """
-    from xbt.model import AdapterConfig
+    from xbt.adapter_config import AdapterConfig
 
     reference = BUILDERS[backend](tmp_path / backend, TinyClipConfig(seed=0))
     gradients, calls = {}, {}

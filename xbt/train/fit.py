@@ -51,10 +51,9 @@ FIXED = {"stage1": ("output_dir", "resume"),
 
 
 def section_types() -> dict[str, tuple[type, ...]]:
-    """The dataclasses whose options each section holds (imported here: ψ and LoRA configs live beside torch)."""
+    """The dataclasses whose options each section holds."""
+    from ..adapter_config import AdapterConfig, ProjectionConfig
     from ..data.config import CacheConfig, CaptionConfig, PairSourceConfig
-    from ..model import AdapterConfig
-    from ..projection import ProjectionConfig
     from .config import PairStageConfig, TextStageConfig
 
     return {"cache": (CacheConfig,), "stage1": (CaptionConfig, ProjectionConfig, TextStageConfig),
@@ -142,7 +141,8 @@ def fit(config: FitConfig | FitPlan, accelerator=None) -> Path:
     from .pair_stage import ADAPTER_DIR
     from .pair_stage import train as train_pair_stage
     from .records import files_digest, run_step
-    from .text_stage import ModelPairConfig, pretrain_text
+    from .config import ModelPairConfig
+    from .text_stage import pretrain_text
 
     checked = config if isinstance(config, FitPlan) else plan(config)
     config = checked.config

@@ -50,7 +50,8 @@ from ..data.config import CacheConfig, PairDataConfig, PairSourceConfig
 from ..data.pairs import iter_captions, make_pair_loader, open_pairs, set_loader_epoch
 from ..errors import InputError, XBTError
 from ..losses import PAIR_TERMS, Temperature, resolve_weights, uses_temperature
-from ..model import AdapterConfig, XBTModel
+from ..adapter_config import AdapterConfig
+from ..model import XBTModel
 from ..projection import Projection
 from . import engine
 from .config import AcceleratorConfig, PairStageConfig

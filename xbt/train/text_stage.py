@@ -43,7 +43,8 @@ from ..data.config import CacheConfig, CaptionConfig
 from ..errors import InputError
 from ..io import atomic_write_json, atomic_write_text
 from ..losses import TEXT_LOSSES, Temperature, add_noise, uses_temperature
-from ..projection import Projection, ProjectionConfig
+from ..adapter_config import ProjectionConfig
+from ..projection import Projection
 from ..retrieval import Labeled, recall_at_k
 from . import engine
 from .checkpoints import resolve_resume
