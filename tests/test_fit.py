@@ -75,6 +75,10 @@ def test_fit_in_bf16_runs_both_stages_skips_them_and_resumes(config_values, tmp_
     with caplog.at_level(logging.INFO, logger="xbt"):
         fit(config_from(path))
     assert any("Resumed from" in r.message and "at step 2 of 4" in r.message for r in caplog.records)
+    loads = [r.getMessage() for r in caplog.records if r.name.startswith("xbt.backbones") and
+             r.getMessage().startswith("Loaded ")]
+    for reference in (config_values["old_model"], config_values["new_model"]):  # each model loaded once per run
+        assert sum(message.startswith(f"Loaded {reference} ") for message in loads) == 1, loads
     assert same(adapter_weights(adapter), finished)
 
     with pytest.raises(InputError, match="made with other options"):

@@ -195,8 +195,8 @@ def train(task: nn.Module, config: TrainConfig, accelerator, total_steps: int, r
     while state.step < total_steps:
         batch = on_every_rank(accelerator, next, batches, _END)  # a bad file on one rank stops every rank
         if batch is _END:
-            if hasattr(task, "end_epoch"):
-                task.end_epoch(state)
+            if hasattr(task, "end_epoch"):  # e.g. a data-quality verdict, which may differ between ranks
+                on_every_rank(accelerator, task.end_epoch, state)
             state.epoch, state.batch = state.epoch + 1, 0
             batches = iter(task.batches(state.epoch, 0))
             continue
