@@ -41,7 +41,8 @@ import torch
 from xbt.backbones import load_backbone
 from xbt.cache import EmbeddingSource, build_cache, text_source
 from xbt.demo.models import TinyClipConfig, build_hf_clip, build_open_clip
-from xbt.losses import Temperature, paired_loss
+from xbt.losses import TEXT_LOSSES, Temperature
+from xbt.train.text_stage import PairedVectors
 from xbt.projection import Projection
 from xbt.train.text_stage import epoch_batches
 
@@ -75,7 +76,7 @@ def one_epoch(batches: np.ndarray, dims: tuple[int, int], fetch) -> float:
 
     def train_step(rows):
         new, old = fetch(np.sort(rows))
-        loss = paired_loss("infonce", projection(new), old, temperature())
+        loss = TEXT_LOSSES["infonce"].compute(PairedVectors(projection(new), old), temperature())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -140,7 +141,7 @@ def memory_while_training(work: Path, rows: int, dim: int, limit_gib: float, bat
     command = [sys.executable, "-m", "xbt", "pretrain-text", "--cache_path", str(cache.path),
                "--output_dir", str(work / f"big_run-{rows}"), "--epochs", "1", "--max_steps", str(steps),
                "--batch_size", str(batch_size), "--kind", "linear", "--init", "random",
-               "--validation_size", "2000", "--baselines", "", "--checkpoint_every", "0", "--cpu"]
+               "--validation_size", "2000", "--baselines", "", "--save_steps", "0", "--cpu"]
 
     def limit_private_memory():
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))

@@ -26,9 +26,11 @@ import torch
 from xbt import load_backbone
 from xbt.demo.models import BUILDERS, TinyClipConfig
 from xbt.losses import Temperature
-from xbt.model import AdapterConfig, XBTModel
+from xbt.adapter_config import AdapterConfig
+from xbt.model import XBTModel
 from xbt.projection import Projection, ProjectionConfig
-from xbt.train.pair_stage import PairObjective
+from xbt.train.config import PairStageConfig
+from xbt.train.pair_stage import PairTask
 from xbt.train.targets import OldSpaceTargets
 
 CAPTIONS = ["a small red circle on the left", "two large blue squares", "a green triangle above a star",
@@ -67,16 +69,18 @@ def train_steps_per_second(model: XBTModel, steps: int, batch: int, device: torc
     targets = OldSpaceTargets(captions=bank, offsets=torch.arange(4097, device=device), caption_means=bank,
                               images=bank)
     weights = {"new_new": 1.0, "anchor": 0.0, "text_to_old_image": 1.0, "image_to_old_text": 1.0}
-    objective = PairObjective(model, weights, Temperature(), targets).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4)
+    config = PairStageConfig(new_model="", old_model="", projection="", output_dir="")
+    task = PairTask(model, weights, Temperature(), targets, config).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
     size = model.backbone.image_size
     pixels = torch.randn(batch, 3, size, size, device=device)
-    tokens = {k: v.to(device) for k, v in model.backbone.tokenize((CAPTIONS * batch)[:batch]).items()}
-    positions = torch.randint(0, 4096, (batch,), device=device)
-    zeros = torch.zeros(batch, dtype=torch.long, device=device)
+    captions = (CAPTIONS * batch)[:batch]
+    batch_dict = {"images": pixels, "captions": captions, "indices": torch.randint(0, 4096, (batch,)),
+                  "caption_indices": torch.zeros(batch, dtype=torch.long), "ids": [str(i) for i in range(batch)]}
 
     def step():
-        loss, _ = objective(pixels, tokens, positions, zeros)
+        terms = task(batch_dict, 0)
+        loss = sum(weights[name] * value for name, value in terms.items())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -7,13 +7,19 @@ import torch
 
 from xbt import InputError, load_backbone
 from xbt.demo.models import BUILDERS, TinyClipConfig, save_weights
-from xbt.demo.pretrain import (TRAINING_RECORD, ModelRecipe, PretrainConfig, compact_token_embedding, tiny_pair,
-                               train_contrastive, train_model)
+from xbt.demo.pretrain import ModelRecipe, PretrainConfig, compact_token_embedding, tiny_pair, train_contrastive, train_model
 from xbt.demo.quality import evaluate_model, flatten_captions, recall_at_k
 from xbt.demo.scenes import BenchmarkConfig, generate, read_split, write_benchmark
+from xbt.train.engine import make_accelerator
+from xbt.train.records import RECORD_FILE
 
 SMALL = TinyClipConfig(width=32, layers=1, heads=2, context_length=20, seed=0)
-SHORT = PretrainConfig(steps=120, batch_size=64, learning_rate=2e-3, warmup_steps=10, seed=0)
+SHORT = PretrainConfig(max_steps=120, batch_size=64, learning_rate=2e-3, warmup_steps=10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return make_accelerator(cpu=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +37,10 @@ def test_recall_counts_exact_hits():
     assert recall["image→text"] == {1: 66.67, 2: 100.0}  # image 1's best caption is image 2's
 
 
-def test_training_lowers_the_loss_and_beats_the_untrained_model(backend, scenes, tmp_path):
+def test_training_lowers_the_loss_and_beats_the_untrained_model(backend, scenes, tmp_path, accelerator):
     encoder = load_backbone(BUILDERS[backend](tmp_path, SMALL))
     untrained = evaluate_model(encoder, *scenes["test"], ks=(1, 5))
-    result = train_contrastive(encoder, *scenes["train"], SHORT)
+    result = train_contrastive(encoder, *scenes["train"], SHORT, accelerator)
     trained = evaluate_model(encoder, *scenes["test"], ks=(1, 5))
     assert result.last_loss < result.first_loss - 0.5
     for direction in trained:
@@ -43,11 +49,11 @@ def test_training_lowers_the_loss_and_beats_the_untrained_model(backend, scenes,
     assert not any(parameter.requires_grad for parameter in encoder.model.parameters())  # frozen again
 
 
-def test_saved_model_reloads_with_identical_embeddings(backend, scenes, tmp_path):
+def test_saved_model_reloads_with_identical_embeddings(backend, scenes, tmp_path, accelerator):
     reference = BUILDERS[backend](tmp_path, SMALL)
     encoder = load_backbone(reference)
     before = encoder.fingerprint
-    train_contrastive(encoder, *scenes["train"], PretrainConfig(steps=5, batch_size=64, seed=0))
+    train_contrastive(encoder, *scenes["train"], PretrainConfig(max_steps=5, batch_size=64, seed=0), accelerator)
     save_weights(encoder.model, backend, tmp_path)
     reloaded = load_backbone(reference)
     images, captions = scenes["test"]
@@ -58,11 +64,11 @@ def test_saved_model_reloads_with_identical_embeddings(backend, scenes, tmp_path
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))  # safetensors only
 
 
-def test_training_is_reproducible_from_the_seed(scenes, tmp_path):
+def test_training_is_reproducible_from_the_seed(scenes, tmp_path, accelerator):
     embeddings = []
     for run in range(2):
         encoder = load_backbone(BUILDERS["open_clip"](tmp_path / str(run), SMALL))
-        train_contrastive(encoder, *scenes["train"], PretrainConfig(steps=5, batch_size=64, seed=0))
+        train_contrastive(encoder, *scenes["train"], PretrainConfig(max_steps=5, batch_size=64, seed=0), accelerator)
         embeddings.append(encoder.encode_text(["a small red circle in the center"]))
     torch.testing.assert_close(embeddings[0], embeddings[1])
 
@@ -82,26 +88,27 @@ def test_only_the_used_vocabulary_rows_change(tmp_path):
     assert changed.tolist() == torch.unique(tokens).tolist()
 
 
-def test_bad_training_input_is_a_clear_error(tmp_path, scenes):
+def test_bad_training_input_is_a_clear_error(tmp_path, scenes, accelerator):
     encoder = load_backbone(BUILDERS["open_clip"](tmp_path, SMALL))
     images, captions = scenes["test"]
     with pytest.raises(InputError, match="200 images but 199 caption lists"):
-        train_contrastive(encoder, images, captions[:-1], SHORT)
+        train_contrastive(encoder, images, captions[:-1], SHORT, accelerator)
     with pytest.raises(InputError, match="fewer than one batch"):
-        train_contrastive(encoder, images[:10], captions[:10], SHORT)
+        train_contrastive(encoder, images[:10], captions[:10], SHORT, accelerator)
 
 
-def test_train_model_is_cached_by_recipe_and_data(tmp_path):
+def test_train_model_is_cached_by_recipe_and_data(tmp_path, accelerator):
     data = write_benchmark(tmp_path / "data", BenchmarkConfig(train_images=128, test_images=8, corpus_captions=10))
-    recipe = ModelRecipe("hf", SMALL, PretrainConfig(steps=3, batch_size=64))
-    reference = train_model(tmp_path / "model", recipe, data["train"])
-    record = json.loads((tmp_path / "model" / TRAINING_RECORD).read_text())
-    assert record["fingerprint"] == load_backbone(reference).fingerprint
+    recipe = ModelRecipe("hf", SMALL, PretrainConfig(max_steps=3, batch_size=64))
+    reference = train_model(tmp_path / "model", recipe, data["train"], accelerator)
+    record = json.loads((tmp_path / "model" / RECORD_FILE).read_text())
+    assert record["finished"] and record["result"]["fingerprint"] == load_backbone(reference).fingerprint
     weights = tmp_path / "model" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    assert train_model(tmp_path / "model", recipe, data["train"]) == reference
+    assert train_model(tmp_path / "model", recipe, data["train"], accelerator) == reference
     assert weights.stat().st_mtime_ns == stamp  # skipped
-    train_model(tmp_path / "model", ModelRecipe("hf", SMALL, PretrainConfig(steps=4, batch_size=64)), data["train"])
+    train_model(tmp_path / "model", ModelRecipe("hf", SMALL, PretrainConfig(max_steps=4, batch_size=64)), data["train"],
+                accelerator)
     assert weights.stat().st_mtime_ns != stamp  # another recipe retrains
 
 

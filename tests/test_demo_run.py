@@ -1,6 +1,7 @@
 """``xbt demo``: the step sequence, its summary, and its cache (a finished step is skipped)."""
 
 import json
+import logging
 
 import pytest
 
@@ -8,13 +9,17 @@ from xbt.cli import main
 
 
 @pytest.mark.slow
-def test_demo_reuses_trained_models_and_runs_the_whole_pipeline(trained_pair, capsys):
+def test_demo_reuses_trained_models_and_runs_the_whole_pipeline(trained_pair, capsys, caplog):
     output = trained_pair.train.parent.parent  # the fixture trained the fast preset in the demo's layout
-    assert main(["demo", "--preset", "fast", "--output", str(output)]) == 0
+    weights = sorted((output / "models").glob("*/*.safetensors"))
+    stamps = [path.stat().st_mtime_ns for path in weights]
+    with caplog.at_level(logging.INFO, logger="xbt"):
+        assert main(["demo", "--preset", "fast", "--output", str(output)]) == 0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["models"]["old"]["reference"] == trained_pair.old
     assert summary["models"]["new"]["reference"] == trained_pair.new
-    assert summary["seconds"]["old"] < 5 and summary["seconds"]["new"] < 5  # cached, not retrained
+    assert len(weights) == 2 and [path.stat().st_mtime_ns for path in weights] == stamps  # cached, not retrained
+    assert sum("model: already done" in record.message for record in caplog.records) == 2
     for direction in ("text→image", "image→text"):
         assert summary["retrieval"]["new→new"][direction]["1"] > summary["retrieval"]["old→old"][direction]["1"]
     printed = capsys.readouterr().out
@@ -28,6 +33,12 @@ def test_demo_reuses_trained_models_and_runs_the_whole_pipeline(trained_pair, ca
     assert cells["text→image xbt→old"]["recall"]["10"] >= cells["text→image old→old"]["recall"]["10"]
     assert {"text→image stage1→old", "text→image procrustes→old", "text→image ridge→old"} <= set(cells)
 
-    assert main(["demo", "--preset", "fast", "--output", str(output)]) == 0  # everything cached now
+    adapter = output / "xbt" / "stage2" / "adapter" / "adapter_model.safetensors"
+    stamp = adapter.stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xbt"):
+        assert main(["demo", "--preset", "fast", "--output", str(output)]) == 0  # everything cached now
     again = json.loads((output / "summary.json").read_text())
-    assert again["seconds"]["fit"] < 5 and again["compatibility"] == cells
+    assert adapter.stat().st_mtime_ns == stamp and again["compatibility"] == cells
+    skipped = [record.message for record in caplog.records if "already done" in record.message]
+    assert len(skipped) == 5, skipped  # both models, the stored gallery, stage 1 and stage 2

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from xbt.losses import Temperature, WeightedLoss, add_noise, cosine_loss, info_nce, mse_loss, paired_loss
+from xbt.errors import InputError
+from xbt.losses import (PAIR_TERMS, TEXT_LOSSES, LossTerm, Temperature, add_noise, cosine_loss, info_nce, mse_loss,
+                        register, resolve_weights, uses_temperature)
 
 
 def _unit(n, d, seed):
@@ -45,8 +47,6 @@ def test_cosine_and_mse():
     torch.testing.assert_close(cosine_loss(a, -a), torch.tensor(2.0))
     # For unit vectors, squared distance is 2 − 2 cos.
     torch.testing.assert_close(mse_loss(a, b), 2 * cosine_loss(a, b))
-    with pytest.raises(ValueError, match="Unknown loss"):
-        paired_loss("hinge", a, b, 1.0)
 
 
 def test_noise_keeps_unit_norm_and_is_seeded():
@@ -66,20 +66,55 @@ def test_temperature_learnable_or_fixed():
     assert float(Temperature(0.001)().detach()) == 100.0
 
 
-def test_weighted_loss_skips_zero_weights_and_reports_terms():
-    calls = []
+NO_GALLERY, GALLERY = frozenset({"old_captions"}), frozenset({"old_captions", "old_images"})
 
-    def term(value):
-        def compute():
-            calls.append(value)
-            return torch.tensor(value)
-        return compute
 
-    total, parts = WeightedLoss({"a": 2.0, "b": 0.0, "c": 0.5})({"a": term(1.0), "b": term(9.0), "c": term(4.0)})
-    assert float(total) == 4.0 and parts == {"a": 1.0, "c": 4.0} and 9.0 not in calls
-    with pytest.raises(ValueError, match="No way to compute"):
-        WeightedLoss({"x": 1.0})({"a": term(1.0)})
-    with pytest.raises(ValueError, match="non-negative"):
-        WeightedLoss({"x": -1.0})
-    with pytest.raises(ValueError, match="At least one"):
-        WeightedLoss({"x": 0.0})
+def test_default_weights_follow_what_the_data_provides():
+    assert resolve_weights(PAIR_TERMS, {}, GALLERY) == {"new_new": 1.0, "anchor": 0.0, "text_to_old_image": 1.0,
+                                                        "image_to_old_text": 1.0}
+    assert resolve_weights(PAIR_TERMS, {}, NO_GALLERY) == {"new_new": 1.0, "anchor": 1.0, "text_to_old_image": 0.0,
+                                                           "image_to_old_text": 0.0}
+    assert resolve_weights(PAIR_TERMS, {"anchor": 0.5}, GALLERY)["anchor"] == 0.5  # a given weight wins
+
+
+@pytest.mark.parametrize("given, provided, message", [
+    ({"anchr": 1.0}, NO_GALLERY, r"unknown term\(s\) \['anchr'\]; allowed: new_new, anchor"),
+    ({"text_to_old_image": 1.0}, NO_GALLERY, "the term text_to_old_image needs stored old image embeddings"),
+    ({"new_new": -1.0}, GALLERY, "new_new=-1.0; allowed: a weight >= 0"),
+    ({name: 0.0 for name in PAIR_TERMS}, GALLERY, "every term has weight 0"),
+])
+def test_bad_weights_name_the_term(given, provided, message):
+    with pytest.raises(InputError, match=message):
+        resolve_weights(PAIR_TERMS, given, provided)
+
+
+def test_registry_entries_declare_temperature_use_and_old_space():
+    assert uses_temperature(PAIR_TERMS, {"anchor": 1.0, "new_new": 0.0}) is False
+    assert uses_temperature(PAIR_TERMS, {"anchor": 1.0, "new_new": 1.0}) is True
+    assert uses_temperature(TEXT_LOSSES, {"cosine": 1.0}) is False and uses_temperature(TEXT_LOSSES, {"infonce": 1})
+    assert [name for name, term in PAIR_TERMS.items() if not term.old_space] == ["new_new"]
+
+
+def test_a_new_term_is_one_registry_entry(caplog):
+    registry: dict[str, LossTerm] = {}
+    register(registry, LossTerm("pull", lambda x, scale: cosine_loss(x.a, x.b), "pull pairs together",
+                                old_space=True, default=lambda provided: 1.0))
+    with pytest.raises(ValueError, match="registered twice"):
+        register(registry, registry["pull"])
+    with pytest.raises(ValueError, match="which no data provides"):
+        register(registry, LossTerm("odd", lambda x, scale: x, "", needs=frozenset({"telepathy"})))
+    assert resolve_weights(registry, {}, frozenset()) == {"pull": 1.0}
+    register(registry, LossTerm("push", lambda x, scale: x, "a term without an old-space tie"))
+    with caplog.at_level("WARNING", logger="xbt.losses"):
+        resolve_weights(registry, {"pull": 0.0, "push": 1.0}, frozenset())
+    assert "drift out of the old space" in caplog.text
+
+
+def test_text_loss_kinds_compute_the_paired_losses():
+    from types import SimpleNamespace
+
+    a, b = _unit(6, 4, 0), _unit(6, 4, 1)
+    pairs = SimpleNamespace(predictions=a, targets=b)
+    torch.testing.assert_close(TEXT_LOSSES["infonce"].compute(pairs, 10.0), info_nce(a, b, 10.0))
+    torch.testing.assert_close(TEXT_LOSSES["cosine"].compute(pairs, 10.0), cosine_loss(a, b))
+    torch.testing.assert_close(TEXT_LOSSES["mse"].compute(pairs, 10.0), mse_loss(a, b))

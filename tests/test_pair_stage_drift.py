@@ -1,11 +1,15 @@
 """Stage 2 on trained tiny CLIPs: without an old-space term the adapter drifts; anchored and gallery-aware do not.
 
-Measured against OLD-space galleries of held-out test data (R@5, percent): xbt caption
-queries against the old CAPTION gallery (t2t: a hit is a caption of the same image; the
-most direct "is it still in the old space" measure), against the old IMAGE gallery
-(t2i), xbt image queries against the old caption gallery (i2t), and the mean cosine
-between ψ(new text) and the old embedding of the same caption. The tiny models are weak
-(old→old R@5 ≈ 8-11 on 300 test images), so t2i alone is too noisy to judge drift.
+Measured against OLD-space galleries of held-out test data, per query: xbt caption queries
+against the old CAPTION gallery (t2t: a hit@5 is a caption of the same image; the most
+direct "is it still in the old space" measure), against the old IMAGE gallery (t2i), xbt
+image queries against the old caption gallery (i2t), and the cosine between ψ(new text)
+and the old embedding of the same caption.
+
+Every comparison is paired (the same queries under two models) and must be clearly
+separated: the mean per-query difference at least Z standard errors of that mean away
+from zero. Z = 3 is fixed up front (a one-sided chance of about 0.1 % that no effect
+passes), not fitted to a run; the margin follows from the spread of the data itself.
 """
 
 from __future__ import annotations
@@ -16,28 +20,43 @@ import torch
 
 from xbt import load_backbone
 from xbt.baselines import fit_ridge
-from xbt.cache import CacheConfig
-from xbt.data.pairs import PairDataConfig
+from xbt.data.config import CacheConfig, PairSourceConfig
 from xbt.demo.scenes import read_split
 from xbt.model import XBTModel
 from xbt.projection import Projection
-from xbt.retrieval import Labeled, recall_at_k
-from xbt.train.pair_stage import PairStageConfig, train
+from xbt.retrieval import first_hit_rank, search
+from xbt.train.config import PairStageConfig
+from xbt.train.engine import make_accelerator
+from xbt.train.pair_stage import train
 
 pytestmark = pytest.mark.slow
 
 RUNS = {
-    "control": {"anchor_weight": 0.0, "image_to_old_text_weight": 0.0},
-    "anchored": {"anchor_weight": 1.0, "image_to_old_text_weight": 0.0},
+    "control": {"loss_weights": "new_new=1,anchor=0"},
+    "anchored": {"loss_weights": "new_new=1,anchor=1"},
     "gallery-aware": {"gallery": True},
 }
+Z = 3.0
+
+
+def separated(better: np.ndarray, worse: np.ndarray) -> tuple[bool, float]:
+    """Whether ``better`` exceeds ``worse`` (paired per query) by at least Z standard errors; and that z."""
+    difference = np.asarray(better, dtype=np.float64) - np.asarray(worse, dtype=np.float64)
+    error = difference.std(ddof=1) / np.sqrt(len(difference))
+    z = float(difference.mean() / error) if error > 0 else float("inf") * np.sign(difference.mean())
+    return z >= Z, z
+
+
+def hits_at_5(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return (first_hit_rank(search(queries, gallery, 5), query_labels, labels) < 5).astype(np.float64)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict[str, dict[str, float]]:
+def results(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
     from xbt.demo.pretrain import tiny_pair
 
     root = tmp_path_factory.mktemp("drift")
+    accelerator = make_accelerator(cpu=True)
     pair = tiny_pair(root / "pair", domain="shapes", seed=0)
     old, new = load_backbone(pair.old), load_backbone(pair.new)
 
@@ -51,17 +70,16 @@ def results(tmp_path_factory) -> dict[str, dict[str, float]]:
     test_paths, test_captions = read_split(pair.test)
     captions = [caption for group in test_captions for caption in group]
     caption_labels = np.repeat(np.arange(len(test_paths)), [len(group) for group in test_captions])
-    old_images = Labeled(old.encode_image(test_paths).numpy(), np.arange(len(test_paths)))
-    old_captions = Labeled(old.encode_text(captions).numpy(), caption_labels)
+    old_images = old.encode_image(test_paths).numpy()
+    old_captions = old.encode_text(captions).numpy()
+    image_labels = np.arange(len(test_paths))
 
-    def measure(encode_text, encode_image) -> dict[str, float]:
+    def measure(encode_text, encode_image) -> dict[str, np.ndarray]:
         texts = encode_text(captions)
-        queries = Labeled(texts.numpy(), caption_labels)
-        return {"cos": float((texts * torch.from_numpy(old_captions.vectors)).sum(-1).mean()),
-                "t2t": recall_at_k(queries, old_captions, (5,))[5],
-                "t2i": recall_at_k(queries, old_images, (5,))[5],
-                "i2t": recall_at_k(Labeled(encode_image(test_paths).numpy(), old_images.labels), old_captions,
-                                   (5,))[5]}
+        return {"cos": (texts * torch.from_numpy(old_captions)).sum(-1).numpy(),
+                "t2t": hits_at_5(texts.numpy(), caption_labels, old_captions, caption_labels),
+                "t2i": hits_at_5(texts.numpy(), caption_labels, old_images, image_labels),
+                "i2t": hits_at_5(encode_image(test_paths).numpy(), image_labels, old_captions, caption_labels)}
 
     found = {"old→old": measure(old.encode_text, old.encode_image)}
     start = XBTModel(load_backbone(pair.new), Projection.from_pretrained(root / "psi"))
@@ -70,39 +88,42 @@ def results(tmp_path_factory) -> dict[str, dict[str, float]]:
         gallery = {"old_image_embeddings": str(root / "gallery.npy"), "old_image_ids": str(root / "gallery_ids.txt")}
         stage = PairStageConfig(new_model=pair.new, old_model=pair.old, projection=str(root / "psi"),
                                 output_dir=str(root / name), max_steps=150, save_steps=1000, learning_rate=1e-3,
-                                warmup_steps=5, **(gallery if options.get("gallery") else options))
-        folder = train(stage, PairDataConfig(source=str(pair.train), batch_size=64), None,
+                                warmup_steps=5, batch_size=64, **(gallery if options.get("gallery") else options))
+        folder = train(stage, PairSourceConfig(source=str(pair.train)), accelerator, None,
                        CacheConfig(cache_dir=str(root / "cache")))
         model = XBTModel.from_pretrained(folder)
         found[name] = measure(model.encode_text, model.encode_image)
     # Query blending (after Ricci et al.): xbt text queries mixed with the old text encoder's.
     found["gallery-aware + blend 0.5"] = measure(lambda texts: model.encode_text(texts, blend_old=0.5),
                                                  model.encode_image)
-    print("\n".join(f"{name:>14}: {values}" for name, values in found.items()))
+    print("\n".join(f"{name:>26}: " + ", ".join(f"{k} {v.mean():.3f}" for k, v in values.items())
+                    for name, values in found.items()))
     return found
 
 
-def test_without_an_old_space_term_the_adapter_drifts(results):
-    start, control = results["ψ only"], results["control"]
-    assert control["cos"] < start["cos"] - 0.2  # 0.25 with the final fast preset (0.3 was tuned on a draft)
-    assert control["t2t"] < start["t2t"] - 3.0
+def _assert_separated(results, better: str, worse: str, measure: str) -> None:
+    ok, z = separated(results[better][measure], results[worse][measure])
+    print(f"{measure}: {better} {results[better][measure].mean():.3f} vs {worse} "
+          f"{results[worse][measure].mean():.3f}: z = {z:.1f}")
+    assert ok, f"{measure}: {better} does not clearly beat {worse} (z = {z:.1f} < {Z})"
+
+
+@pytest.mark.parametrize("measure", ["cos", "t2t"])
+def test_without_an_old_space_term_the_adapter_drifts(results, measure):
+    _assert_separated(results, "ψ only", "control", measure)
 
 
 @pytest.mark.parametrize("name", ["anchored", "gallery-aware"])
-def test_anchored_and_gallery_aware_stay_in_the_old_space(results, name):
-    start, control, run = results["ψ only"], results["control"], results[name]
-    # Gallery-aware training never pulls ψ(text) onto the old caption vector itself, so ask for a share of
-    # the control's cosine drop back, not a fixed cosine; the retrieval measures below are the real test.
-    assert run["cos"] - control["cos"] > 0.4 * (start["cos"] - control["cos"])
-    assert run["t2t"] > control["t2t"] + 3.0
-    assert run["t2i"] >= control["t2i"]
+@pytest.mark.parametrize("measure", ["cos", "t2t"])
+def test_anchored_and_gallery_aware_stay_in_the_old_space(results, name, measure):
+    _assert_separated(results, name, "control", measure)
 
 
 def test_gallery_aware_beats_old_to_old_image_to_text(results):
-    assert results["gallery-aware"]["i2t"] > results["old→old"]["i2t"] + 1.0
+    _assert_separated(results, "gallery-aware", "old→old", "i2t")
 
 
 def test_query_blending_keeps_text_to_image_at_least_at_old_to_old(results):
     blended = results["gallery-aware + blend 0.5"]
-    assert blended["t2i"] >= results["old→old"]["t2i"]
-    assert blended["cos"] > results["gallery-aware"]["cos"]  # pulled towards the old text embedding
+    assert blended["t2i"].mean() >= results["old→old"]["t2i"].mean()
+    assert blended["cos"].mean() > results["gallery-aware"]["cos"].mean()  # pulled towards the old text embedding

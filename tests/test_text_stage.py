@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,12 +20,19 @@ from xbt.data.captions import split_indices
 from xbt.errors import InputError
 from xbt.projection import Projection, ProjectionConfig
 from xbt.train.checkpoints import latest_checkpoint
-from xbt.train.text_stage import TextStageConfig, train_text_stage
+from xbt.train.config import TextStageConfig
+from xbt.train.engine import make_accelerator
+from xbt.train.text_stage import evaluate, train_text_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cache import captions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return make_accelerator(cpu=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +42,11 @@ def cache(tmp_path_factory, tiny_encoders):
     return build_cache(tmp_path_factory.mktemp("cache"), sources, captions(1200), shard_size=512, progress=False)
 
 
-def test_training_lowers_validation_loss_and_raises_recall(tmp_path, cache):
+def test_training_lowers_validation_loss_and_raises_recall(tmp_path, cache, accelerator):
     train, validation = split_indices(cache.count, 200, seed=0)
     config = TextStageConfig(output_dir=str(tmp_path / "run"), epochs=6, batch_size=100, learning_rate=3e-3,
-                             init="random", checkpoint_every=0, cpu=True)
-    summary = train_text_stage(cache, train, validation, config)
+                             init="random", save_steps=0)
+    summary = train_text_stage(cache, train, validation, config, accelerator)
     untrained, trained = summary["untrained"], summary["validation"]
     assert trained["loss"] < untrained["loss"] - 0.5
     assert trained["R@1"] > untrained["R@1"] + 5
@@ -59,51 +67,58 @@ def test_training_lowers_validation_loss_and_raises_recall(tmp_path, cache):
 
 
 @pytest.mark.parametrize("kind", ["linear", "orthogonal"])
-def test_other_projection_kinds_and_losses_train(tmp_path, cache, kind):
+def test_other_projection_kinds_and_losses_train(tmp_path, cache, accelerator, kind):
     train, validation = split_indices(cache.count, 100, seed=1)
     config = TextStageConfig(output_dir=str(tmp_path / kind), epochs=2, batch_size=100, loss="cosine",
-                             noise_std=0.05, baselines="", init="random", checkpoint_every=0, cpu=True)
+                             noise_std=0.05, baselines="", init="random", save_steps=0)
     extra = 8 if kind == "orthogonal" else 0
-    summary = train_text_stage(cache, train, validation, config, ProjectionConfig(kind=kind, extra_dims=extra))
+    summary = train_text_stage(cache, train, validation, config, accelerator,
+                               ProjectionConfig(kind=kind, extra_dims=extra))
     assert summary["validation"]["loss"] < summary["untrained"]["loss"]
     assert Projection.from_pretrained(tmp_path / kind).extra_dims == extra and summary["baselines"] == {}
 
 
-def test_initialising_from_the_ridge_fit_starts_where_the_baseline_is(tmp_path, cache):
+def test_initialising_from_the_ridge_fit_starts_where_the_baseline_is(tmp_path, cache, accelerator):
     train, validation = split_indices(cache.count, 200, seed=0)
     config = TextStageConfig(output_dir=str(tmp_path), epochs=10, batch_size=100, learning_rate=3e-3,
-                             baselines="ridge", checkpoint_every=0, cpu=True)
-    summary = train_text_stage(cache, train, validation, config)  # init 'auto': ridge for the mlp ψ
+                             baselines="ridge", save_steps=0)
+    summary = train_text_stage(cache, train, validation, config, accelerator)  # init 'auto': ridge for the mlp ψ
     recalls = [f"R@{k}" for k in (1, 5, 10)]
     assert [summary["untrained"][k] for k in recalls] == [summary["baselines"]["ridge"][k] for k in recalls]
     assert summary["validation"]["R@1"] > summary["untrained"]["R@1"]  # and training improves on it
     with pytest.raises(InputError, match="use init='random' for 'orthogonal'"):
-        train_text_stage(cache, train, validation, TextStageConfig(output_dir=str(tmp_path / "o"), init="procrustes",
-                                                                   cpu=True), ProjectionConfig(kind="orthogonal"))
+        train_text_stage(cache, train, validation, TextStageConfig(output_dir=str(tmp_path / "o"), init="procrustes"),
+                         accelerator, ProjectionConfig(kind="orthogonal"))
 
 
-def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path, cache):
+def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path, cache, accelerator):
     train, validation = split_indices(cache.count, 100, seed=0)
-    config = TextStageConfig(output_dir=str(tmp_path), epochs=5, max_steps=3, batch_size=100, baselines="", cpu=True)
-    summary = train_text_stage(cache, train, validation, config)
+    config = TextStageConfig(output_dir=str(tmp_path), epochs=5, max_steps=3, batch_size=100, baselines="")
+    summary = train_text_stage(cache, train, validation, config, accelerator)
     assert summary["steps"] == 3 and len(summary["history"]) == 1  # only the untrained entry: no epoch ended
-    assert summary["validation"]["loss"] != summary["untrained"]["loss"]
+    assert summary["validation"]["loss"] < summary["untrained"]["loss"]  # three steps already lower it
     assert latest_checkpoint(tmp_path).name == "step-00000003"
 
 
-def test_bad_configurations_are_clear_errors(tmp_path, cache):
-    with pytest.raises(InputError, match="loss must be one of"):
-        TextStageConfig(loss="hinge")
-    with pytest.raises(InputError, match="init must be"):
-        TextStageConfig(init="zeros")
-    with pytest.raises(InputError, match="Unknown baselines"):
-        TextStageConfig(baselines="procrustes,pca")
+def test_bad_configurations_are_clear_errors(tmp_path, cache, accelerator):
+    bad = [({"loss": "hinge"}, "loss: got 'hinge'; allowed: infonce, cosine, mse"),
+           ({"init": "zeros"}, "init: got 'zeros'"),
+           ({"baselines": "procrustes,pca"}, r"baselines: unknown \['pca'\]"),
+           ({"learning_rate": -1.0}, "learning_rate: got -1.0"),
+           ({"max_steps": -1}, "max_steps: got -1"),
+           ({"mixed_precision": "fp8"}, "mixed_precision: got 'fp8'; allowed: one of no, fp16, bf16"),
+           ({"batch_size": 1}, "batch_size: got 1"),
+           ({"report_to": "mlflow"}, "report_to: got 'mlflow'"),
+           ({"epochs": 0}, "epochs: got 0")]
+    for options, message in bad:
+        with pytest.raises(InputError, match=message):
+            TextStageConfig(**options)
     train, _ = split_indices(cache.count, 100, seed=0)
     with pytest.raises(InputError, match="at least 2 validation"):
-        train_text_stage(cache, train, train[:1], TextStageConfig(output_dir=str(tmp_path), cpu=True))
+        train_text_stage(cache, train, train[:1], TextStageConfig(output_dir=str(tmp_path)), accelerator)
     with pytest.raises(InputError, match="not a complete checkpoint"):
-        train_text_stage(cache, train, train[:10], TextStageConfig(output_dir=str(tmp_path), resume=str(tmp_path),
-                                                                   cpu=True))
+        train_text_stage(cache, train, train[:10], TextStageConfig(output_dir=str(tmp_path), resume=str(tmp_path)),
+                         accelerator)
 
 
 # ----------------------------------------------------------------------------------
@@ -153,7 +168,7 @@ def test_config_file_with_flag_overrides_and_cli_errors(tmp_path, tiny_refs, cor
 @pytest.mark.slow
 def test_kill_during_training_then_resume_matches_uninterrupted(tmp_path, tiny_refs, corpus_file):
     command = [sys.executable, "-m", "xbt", "pretrain-text"]
-    options = ("--epochs", "30", "--checkpoint_every", "20", "--noise_std", "0.05")
+    options = ("--epochs", "30", "--save_steps", "20", "--noise_std", "0.05")
     clean = subprocess.run(command + cli_args(tiny_refs, corpus_file, tmp_path / "cache", tmp_path / "clean", *options),
                            env=environment(), capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-3000:]
@@ -206,3 +221,17 @@ def test_accelerate_launch_with_two_processes(tmp_path, tiny_refs, corpus_file):
     assert single.returncode == 0, single.stderr[-3000:]
     one, two = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "out"))
     assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+
+
+def test_validation_recall_is_evaluations_metric_with_its_tie_rule():
+    from xbt.retrieval import Labeled, recall_at_k
+
+    identity = torch.nn.Linear(4, 4, bias=False)
+    torch.nn.init.eye_(identity.weight)
+    # Eight captions whose old embeddings are all the same vector: every query ties with every item.
+    old = torch.nn.functional.normalize(torch.ones(8, 4), dim=-1)
+    metrics = evaluate(identity, old.clone(), old, "cosine", 1.0, batch_size=4)
+    labels = np.arange(8)
+    expected = recall_at_k(Labeled(old.numpy(), labels), Labeled(old.numpy(), labels), (1, 5, 10), validate=False)
+    assert [metrics[f"R@{k}"] for k in (1, 5, 10)] == [round(expected[k], 4) for k in (1, 5, 10)]
+    assert metrics["R@1"] < 100.0  # a tie is not a hit for every query (the old stage-1 rule counted it as one)

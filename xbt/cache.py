@@ -80,22 +80,6 @@ _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32}
 MANIFEST, PLAN = "manifest.json", "plan.json"
 
 
-@dataclass
-class CacheConfig:
-    """Where embedding caches live and how they are stored."""
-
-    cache_dir: str = field(default="runs/cache", metadata={"help": "root folder of embedding caches"})
-    cache_dtype: str = field(default="float16", metadata={"help": "storage dtype: float16 or float32"})
-    shard_size: int = field(default=16384, metadata={"help": "rows per shard (the unit of resumption)"})
-    encode_batch_size: int = field(default=256, metadata={"help": "items per encoder call"})
-
-    def __post_init__(self):
-        if self.cache_dtype not in DTYPES:
-            raise InputError(f"cache_dtype must be one of {sorted(DTYPES)}, got {self.cache_dtype!r}.")
-        if self.shard_size < 1 or self.encode_batch_size < 1:
-            raise InputError("shard_size and encode_batch_size must be positive.")
-
-
 @dataclass(frozen=True)
 class EmbeddingSource:
     """Something that turns a batch of items into ``(n, dim)`` embeddings, with a stable identity."""

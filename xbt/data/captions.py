@@ -35,25 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .config import CaptionConfig
 
 logger = logging.getLogger(__name__)
 
 # file suffix -> datasets builder
 FILE_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-@dataclass
-class CaptionConfig:
-    """Where the captions come from and how the validation slice is held out."""
-
-    captions: str = field(default="", metadata={
-        "help": "caption corpus: a .txt (one caption per line), .jsonl/.json/.csv/.parquet file, or a Hub dataset name"})
-    column: str = field(default="text", metadata={"help": "column holding the captions (ignored for .txt)"})
-    split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
-    validation_size: float = field(default=0.05, metadata={
-        "help": "held-out validation captions: a fraction (< 1) or a count (>= 1)"})
-    max_captions: int | None = field(default=None, metadata={"help": "keep only the first N usable captions"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the validation split"})
 
 
 @dataclass

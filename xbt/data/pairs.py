@@ -69,44 +69,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import InputError
 from ..images import decode_image, load_image
 from .examples import NO_CAPTION, BadExample, Transform, clean_captions, make_example
+from .config import PairDataConfig
 from .packed import PackedCaptions, PackedStrings
 from .quality import DataQuality, collate_pairs
 from .webdataset import SHARD_SUFFIXES, WebDatasetPairs, find_shards, iter_shard_captions
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "folder", "disk", "parquet", "hub", "webdataset")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 LOCAL_SUFFIXES = {".tar", ".gz", ".tgz", ".parquet", ".jsonl", ".json", ".csv", ".arrow"}
 CAPTION_COLUMNS = ("captions", "caption", "text")  # looked for in this order when caption_column is None
-
-
-@dataclass
-class PairDataConfig:
-    """Where image-text pairs come from and how they are read."""
-
-    source: str = field(metadata={"help": "image folder, save_to_disk folder, parquet file/folder/glob, "
-                                          "tar shard folder/file/glob, or a Hub dataset name"})
-    format: str = field(default="auto", metadata={"help": f"one of {', '.join(FORMATS)}"})
-    split: str = field(default="train", metadata={"help": "split of a Hub or save_to_disk dataset"})
-    image_column: str = field(default="image", metadata={"help": "image column of a table source"})
-    caption_column: str | None = field(default=None, metadata={"help": "default: captions, caption or text"})
-    id_column: str | None = field(default=None, metadata={"help": "id column (default: file_name, row index)"})
-    caption_separator: str | None = field(default=None, metadata={"help": "split caption strings on this"})
-    max_bad_fraction: float = field(default=0.01, metadata={"help": "stop when more than this is unusable"})
-    seed: int = 0
-    batch_size: int = 64
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes that decode images"})
-    shuffle: bool = True
-    drop_last: bool = False
-    shuffle_buffer: int = field(default=1000, metadata={"help": "tar shards: examples held for shuffling"})
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise InputError(f"Unknown pair data format {self.format!r}; use one of {', '.join(FORMATS)}.")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise InputError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, "
-                             f"{self.num_workers}.")
 
 
 # ----------------------------------------------------------------------------- images by position

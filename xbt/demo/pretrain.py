@@ -13,6 +13,8 @@ Speed on a 2-core CPU (measured side by side with scripts/bench_pretrain.py):
   width-64 model; the saved model keeps the full vocabulary and tokenizer, so both
   backends still load through the ordinary reference path;
 - fp32: bf16 autocast was about 2× slower on this CPU;
+- the loop is the package's one (:func:`xbt.train.engine.train`, warm-up + cosine decay
+  from transformers, gradient clipping, NaN guard), with :class:`PretrainTask` as its task;
 - threads: on a machine shared with other jobs, 1 intra-op thread was several times
   faster than 2 (``xbt demo --threads 1`` / ``OMP_NUM_THREADS=1``); training does not
   change the caller's torch thread setting.
@@ -21,45 +23,51 @@ Speed on a 2-core CPU (measured side by side with scripts/bench_pretrain.py):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..backbones import DualEncoder, load_backbone
 from ..errors import InputError
 from ..images import ImageLike
 from ..losses import info_nce
+from ..train import engine
+from ..train.config import TrainConfig
+from ..train.records import run_step
 from .models import BUILDERS, TinyClipConfig, save_weights
 from .quality import flatten_captions
 from .scenes import BenchmarkConfig, read_split, write_benchmark
 
 logger = logging.getLogger(__name__)
 
-TRAINING_RECORD = "xbt_pretrain.json"  # written beside the weights: what the model was trained with
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learnable temperature
 
 
-@dataclass
-class PretrainConfig:
-    """Optimisation of one from-scratch run."""
+@dataclass(kw_only=True)
+class PretrainConfig(TrainConfig):
+    """Optimisation of one from-scratch run (the run options every stage shares, demo defaults)."""
 
-    steps: int = 600
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 30
-    grad_clip: float = 1.0
-    seed: int = 0
+    max_steps: int = field(default=600, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=128, metadata={"help": "images per step (one caption drawn for each)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    warmup_steps: float = field(default=30, metadata={"help": "linear warm-up steps before the cosine decay"})
+    save_steps: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    logging_steps: int = field(default=50, metadata={"help": "steps between log lines"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_steps < 1:
+            raise InputError(f"max_steps: got {self.max_steps!r}; allowed: an integer >= 1.")
 
 
 @dataclass
@@ -106,16 +114,6 @@ def compact_token_embedding(model: nn.Module, token_ids: torch.Tensor) -> Iterat
         setattr(parent, attribute, full)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """Learning-rate multiplier: linear warm-up, then cosine decay to zero."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on biases, norms, embeddings or the temperature)."""
     decay, no_decay = [], []
@@ -125,20 +123,65 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Image indices, one shuffled epoch after another (no image twice in a batch)."""
-    while True:
-        order = torch.randperm(count, generator=generator)
-        for start in range(0, count - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
-
-
 # ---------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------
+class PretrainTask(nn.Module):
+    """From-scratch CLIP training as an engine task: InfoNCE with the model's own ``logit_scale``.
+
+    Everything the loop reads is prepared once (preprocessed images, tokenised captions).
+    Batches: a seeded permutation of the images per epoch, last partial batch dropped; each
+    image shows one of its captions, drawn from (seed, epoch, position), so a resumed run
+    sees the same pairs.
+    """
+
+    def __init__(self, encoder: DualEncoder, pixels: torch.Tensor, tokens: dict[str, torch.Tensor],
+                 counts: torch.Tensor, config: PretrainConfig):
+        super().__init__()
+        self.model, self.encoder, self.config = encoder.model, encoder, config
+        self.pixels, self.tokens, self.counts = pixels, tokens, counts
+        self.offsets = torch.cumsum(counts, 0) - counts  # first caption of each image in the flat list
+        self.loss_weights = {"infonce": 1.0}
+        self.losses: list[float] = []
+
+    def parameter_groups(self) -> list[dict]:
+        return parameter_groups(self.model, self.config.weight_decay)
+
+    def batches(self, epoch: int, start: int):
+        seed, size = self.config.seed, self.config.batch_size
+        order = torch.randperm(len(self.pixels), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        for position in range(start, len(order) // size):
+            batch = order[position * size:(position + 1) * size]
+            draw = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + position)
+            yield batch, self.offsets[batch] + (torch.rand(len(batch), generator=draw) * self.counts[batch]).long()
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        images, chosen = batch
+        device = self.model.logit_scale.device
+        image_features = self.encoder.image_features(self.pixels[images].to(device))
+        text_features = self.encoder.text_features({key: value[chosen].to(device) for key, value in self.tokens.items()})
+        return {"infonce": info_nce(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
+                                    self.model.logit_scale.exp())}
+
+    def after_step(self, state) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        self.losses.append(state.loss)
+
+    def progress_state(self) -> dict:
+        return {"losses": self.losses}
+
+    def load_progress_state(self, state: dict) -> None:
+        self.losses = list(state["losses"])
+
+
 def train_contrastive(encoder: DualEncoder, images: Sequence[ImageLike] | torch.Tensor,
-                      captions: Sequence[Sequence[str]], config: PretrainConfig) -> PretrainResult:
-    """Train ``encoder.model`` in place on images and their captions (one caption drawn per image per step)."""
+                      captions: Sequence[Sequence[str]], config: PretrainConfig, accelerator) -> PretrainResult:
+    """Train ``encoder.model`` in place on images and their captions (one caption drawn per image per step).
+
+    ``accelerator``: the run's one. Checkpoints go to ``config.output_dir`` (a temporary
+    folder when it is empty).
+    """
     if len(images) != len(captions):
         raise InputError(f"{len(images)} images but {len(captions)} caption lists; give one list per image.")
     if len(images) < config.batch_size:
@@ -146,48 +189,26 @@ def train_contrastive(encoder: DualEncoder, images: Sequence[ImageLike] | torch.
                          f"lower batch_size or generate more images.")
     if any(not group for group in captions):
         raise InputError("Every image needs at least one caption.")
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    # Everything the loop reads is prepared once.
+    engine.seed_everything(config.seed)
     pixels = images if isinstance(images, torch.Tensor) else encoder.preprocess_images(images)
     flat, _ = flatten_captions(captions)
     tokens = encoder.tokenize(flat)
     counts = torch.tensor([len(group) for group in captions])
-    offsets = torch.cumsum(counts, 0) - counts  # first caption of each image in ``flat``
 
     model = encoder.model.train()
     for parameter in model.parameters():
         parameter.requires_grad_(True)  # the loader froze them
-    losses: list[float] = []
     start = time.perf_counter()
-    with compact_token_embedding(model, tokens["input_ids"]):
-        optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps))
-        batches = _batches(len(pixels), config.batch_size, generator)
-        progress = tqdm(range(config.steps), desc=f"pretrain {encoder.backend}", unit="step",
-                        disable=config.steps < 200)
-        for _ in progress:
-            batch = next(batches)
-            chosen = offsets[batch] + (torch.rand(len(batch), generator=generator) * counts[batch]).long()
-            image_features = encoder.image_features(pixels[batch])
-            text_features = encoder.text_features({key: value[chosen] for key, value in tokens.items()})
-            loss = info_nce(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
-                            model.logit_scale.exp())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-            losses.append(loss.item())
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    with compact_token_embedding(model, tokens["input_ids"]), tempfile.TemporaryDirectory() as scratch:
+        run = config if config.output_dir else replace(config, output_dir=scratch)
+        task = PretrainTask(encoder, pixels, tokens, counts, run)
+        engine.train(task, run, accelerator, config.max_steps, f"pretrain {encoder.backend}")
     seconds = time.perf_counter() - start
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    result = PretrainResult(config.steps, round(seconds, 2), _mean(losses[:10]), _mean(losses[-10:]), losses)
+    losses = task.losses
+    result = PretrainResult(config.max_steps, round(seconds, 2), _mean(losses[:10]), _mean(losses[-10:]), losses)
     logger.info("trained %s: %d steps in %.1f s, loss %.3f -> %.3f", encoder.reference, result.steps,
                 result.seconds, result.first_loss, result.last_loss)
     return result
@@ -214,33 +235,31 @@ def _data_digest(train_folder: Path) -> str:
     return hashlib.sha256((train_folder / "metadata.jsonl").read_bytes()).hexdigest()[:16]
 
 
-def train_model(folder: str | Path, recipe: ModelRecipe, train_folder: str | Path) -> str:
+def train_model(folder: str | Path, recipe: ModelRecipe, train_folder: str | Path, accelerator) -> str:
     """Build the recipe's tiny model in ``folder``, train it on ``train_folder``, save it; returns its reference.
 
-    Skipped (the reference is returned as is) when ``folder`` already holds a model
-    trained with the same recipe on the same data.
+    Skipped (the reference is returned as is) when ``folder``'s record shows a model trained
+    with the same recipe on the same data (:func:`xbt.train.records.run_step`); a stale one
+    is retrained.
     """
     folder, train_folder = Path(folder), Path(train_folder)
     if recipe.backend not in BUILDERS:
         raise InputError(f"Unknown backend {recipe.backend!r}; choose one of {', '.join(BUILDERS)}.")
-    request = {"recipe": asdict(recipe), "data": _data_digest(train_folder)}
-    record_path = folder / TRAINING_RECORD
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record["request"] == request:
-            logger.info("%s: already trained with this recipe, skipping", folder)
-            return record["reference"]
-        record_path.unlink()  # stale: retrain from scratch
-    reference = BUILDERS[recipe.backend](folder, recipe.model)
-    paths, captions = read_split(train_folder)
-    paths, captions = paths[:recipe.train_images], captions[:recipe.train_images]
-    encoder = load_backbone(reference)
-    result = train_contrastive(encoder, paths, captions, recipe.training)
-    save_weights(encoder.model, recipe.backend, folder)
-    result_summary = {k: v for k, v in asdict(result).items() if k != "losses"}
-    record_path.write_text(json.dumps({"request": request, "reference": reference, "result": result_summary,
-                                       "fingerprint": encoder.fingerprint}, indent=2))
-    return reference
+
+    def build_and_train() -> dict:
+        reference = BUILDERS[recipe.backend](folder, recipe.model)
+        paths, captions = read_split(train_folder)
+        paths, captions = paths[:recipe.train_images], captions[:recipe.train_images]
+        encoder = load_backbone(reference)
+        result = train_contrastive(encoder, paths, captions, recipe.training, accelerator)
+        save_weights(encoder.model, recipe.backend, folder)
+        return {"reference": reference, "fingerprint": encoder.fingerprint,
+                **{k: v for k, v in asdict(result).items() if k != "losses"}}
+
+    identity = {"recipe": asdict(recipe), "data": _data_digest(train_folder)}
+    _, result = run_step(f"{recipe.backend} model", folder, identity, build_and_train,
+                         on_change="redo")
+    return result["reference"]
 
 
 # ---------------------------------------------------------------------------------
@@ -290,7 +309,7 @@ def make_preset(sizes: PresetSizes, domain: str = "shapes", seed: int = 0,
     def recipe(backend: str, width: int, layers: int, steps: int, model_seed: int, images: int | None = None):
         model = TinyClipConfig(width=width, layers=layers, heads=max(2, width // 32), context_length=20,
                                seed=model_seed)
-        training = PretrainConfig(steps=steps, batch_size=sizes.batch_size, learning_rate=sizes.learning_rate,
+        training = PretrainConfig(max_steps=steps, batch_size=sizes.batch_size, learning_rate=sizes.learning_rate,
                                   seed=model_seed)
         return ModelRecipe(backend, model, training, images)
 
@@ -313,12 +332,16 @@ class TrainedPair:
     corpus: Path
 
 
-def train_pair(root: str | Path, preset: PairPreset) -> TrainedPair:
-    """Generate the preset's benchmark under ``root/data`` and train both models under ``root/models``."""
+def train_pair(root: str | Path, preset: PairPreset, accelerator=None) -> TrainedPair:
+    """Generate the preset's benchmark under ``root/data`` and train both models under ``root/models``.
+
+    ``accelerator``: the run's one; made here when the caller is the entry point (None).
+    """
     root = Path(root)
+    accelerator = accelerator or engine.make_accelerator()
     data = write_benchmark(root / "data", preset.data)
-    old = train_model(root / "models" / "old", preset.old, data["train"])
-    new = train_model(root / "models" / "new", preset.new, data["train"])
+    old = train_model(root / "models" / "old", preset.old, data["train"], accelerator)
+    new = train_model(root / "models" / "new", preset.new, data["train"], accelerator)
     return TrainedPair(old=old, new=new, train=data["train"], test=data["test"], corpus=data["corpus"])
 
 

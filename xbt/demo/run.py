@@ -27,14 +27,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 import numpy as np
+import torch
 import yaml
 
 from .. import eval_cli
 from ..backbones import load_backbone
-from ..train.fit import FitConfig, fit
+from ..io import atomic_write_text
+from ..train import engine
+from ..train.config import FitConfig
+from ..train.fit import config_from, fit
+from ..train.records import digest, run_step
 from .pretrain import DEMO, FAST, make_preset, train_model
 from .quality import DIRECTIONS, evaluate_model
 from .scenes import DOMAINS, read_split, write_benchmark
@@ -58,6 +61,7 @@ def run(config: DemoConfig) -> dict:
     """Run every step (skipping the cached ones); returns the summary written to ``output/summary.json``."""
     output = Path(config.output)
     preset = make_preset(PRESETS[config.preset], config.domain, config.seed)
+    accelerator = engine.make_accelerator()  # the run's one
     summary: dict = {"config": asdict(config), "seconds": {}, "models": {}, "retrieval": {}}
 
     def step(name: str, function, *args):
@@ -69,8 +73,8 @@ def run(config: DemoConfig) -> dict:
 
     data = step("data", write_benchmark, output / "data", preset.data)
     references = {
-        "old": step("old", train_model, output / "models" / "old", preset.old, data["train"]),
-        "new": step("new", train_model, output / "models" / "new", preset.new, data["train"]),
+        "old": step("old", train_model, output / "models" / "old", preset.old, data["train"], accelerator),
+        "new": step("new", train_model, output / "models" / "new", preset.new, data["train"], accelerator),
     }
     test_images, test_captions = read_split(data["test"])
     for role, reference in references.items():
@@ -80,9 +84,10 @@ def run(config: DemoConfig) -> dict:
                                    "parameters": sum(p.numel() for p in encoder.model.parameters())}
         summary["retrieval"][f"{role}→{role}"] = step(f"evaluate {role}", evaluate_model, encoder, test_images,
                                                       test_captions)
-    gallery = step("gallery", embed_gallery, output / "gallery", references["old"], data["train"])
+    gallery = step("gallery", embed_gallery, output / "gallery", references["old"],
+                   summary["models"]["old"]["fingerprint"], data["train"])
     adapter = step("fit", fit, write_fit_config(output, references, data, gallery, XBT_SIZES[config.preset],
-                                                config.seed))
+                                                config.seed), accelerator)
     step("eval", eval_cli.main, ["--old", references["old"], "--new", references["new"], "--adapter", str(adapter),
                                  "--projection", f"stage1={adapter.parent.parent / 'stage1'}",
                                  *[f"--projection={name}={adapter.parent.parent / 'stage1' / 'baselines' / name}"
@@ -94,20 +99,23 @@ def run(config: DemoConfig) -> dict:
                                 for c in metrics["cells"] if c["gallery"] == "old"}
     summary["adapter"] = str(adapter)
     summary["data"] = {name: str(path) for name, path in data.items()}
-    (output / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 
-def embed_gallery(folder: Path, old_reference: str, train: Path) -> dict[str, Path]:
+def embed_gallery(folder: Path, old_reference: str, old_fingerprint: str, train: Path) -> dict[str, Path]:
     """The old model's image embeddings of the training images, with their ids (file names), once."""
     paths = {"embeddings": folder / "old_images.npy", "ids": folder / "ids.txt"}
     image_paths, _ = read_split(train)
     ids = "\n".join(path.name for path in image_paths) + "\n"
-    if paths["ids"].is_file() and paths["ids"].read_text() == ids and paths["embeddings"].is_file():
-        return paths
+
+    def embed() -> None:
+        np.save(paths["embeddings"], load_backbone(old_reference).encode_image(image_paths).numpy())
+        atomic_write_text(paths["ids"], ids)
+
     folder.mkdir(parents=True, exist_ok=True)
-    np.save(paths["embeddings"], load_backbone(old_reference).encode_image(image_paths).numpy())
-    paths["ids"].write_text(ids)
+    run_step("stored gallery", folder, {"old": old_fingerprint, "ids": digest(ids)}, embed, done=paths["embeddings"],
+             on_change="redo")
     return paths
 
 
@@ -121,8 +129,8 @@ def write_fit_config(output: Path, references: dict[str, str], data: dict[str, P
                    "old_image_ids": str(gallery["ids"]), "max_steps": sizes["stage2_steps"], "seed": seed},
     }
     path = output / "fit.yaml"
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
-    return FitConfig.from_file(path)
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+    return config_from(path)
 
 
 def _print_summary(summary: dict, output: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -352,8 +352,8 @@ def write_split(folder: str | Path, domain: str, count: int, seed: int = 0, spli
         file_name = f"{index:06d}.png"
         scenes.render(scene, rng).save(folder / file_name)
         lines.append(json.dumps({"file_name": file_name, "captions": scenes.describe(scene, rng, CAPTIONS_PER_IMAGE)}))
-    _write_atomically(folder / METADATA, "\n".join(lines) + "\n")
-    _write_atomically(folder / GENERATION_RECORD, json.dumps(record))
+    atomic_write_text(folder / METADATA, "\n".join(lines) + "\n")
+    atomic_write_text(folder / GENERATION_RECORD, json.dumps(record))
     return folder
 
 
@@ -361,7 +361,7 @@ def write_corpus(path: str | Path, domain: str, count: int, seed: int = 0) -> Pa
     """Write a caption-only corpus, one caption per line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, "\n".join(generate_captions(domain, count, seed)) + "\n")
+    atomic_write_text(path, "\n".join(generate_captions(domain, count, seed)) + "\n")
     return path
 
 
@@ -376,7 +376,7 @@ def write_benchmark(root: str | Path, config: BenchmarkConfig = BenchmarkConfig(
     paths["corpus"] = root / "corpus.txt"
     if not (_matches(root, corpus_record) and paths["corpus"].is_file()):
         write_corpus(paths["corpus"], config.domain, config.corpus_captions, config.seed)
-        _write_atomically(root / GENERATION_RECORD, json.dumps(corpus_record))
+        atomic_write_text(root / GENERATION_RECORD, json.dumps(corpus_record))
     return paths
 
 
@@ -392,9 +392,3 @@ def read_split(folder: str | Path) -> tuple[list[Path], list[list[str]]]:
         paths.append(folder / item["file_name"])
         captions.append(item["captions"])
     return paths, captions
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

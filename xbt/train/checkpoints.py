@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, progress: dict[str, Any
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (temporary / PROGRESS_FILE).write_text(json.dumps(progress))
+        atomic_write_json(temporary / PROGRESS_FILE, progress)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)

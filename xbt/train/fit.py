@@ -1,160 +1,245 @@
 """``xbt fit CONFIG``: the whole training (caption cache -> stage 1 -> stage 2) from one config file.
 
-The file (YAML or JSON) names the two models and a run folder once, and each stage's
-options in its own section (the stages share option names such as ``learning_rate``)::
+The file (YAML or JSON) names the two models and a run folder once, the cache options
+once, and each stage's options in its own section (the stages share option names such
+as ``learning_rate`` and ``batch_size``, the GLOBAL batch in both)::
 
     old_model: open_clip:ViT-B-32/openai
     new_model: hf:openai/clip-vit-large-patch14
     run_dir: runs/my-upgrade
-    stage1:                     # CaptionConfig, CacheConfig, ProjectionConfig, TextStageConfig options
+    cpu: false
+    cache:                      # CacheConfig options (cache_dir default: RUN_DIR/cache)
+      cache_dtype: float16
+    stage1:                     # CaptionConfig, ProjectionConfig, TextStageConfig options
       captions: captions.txt
       epochs: 5
-    stage2:                     # PairStageConfig, PairDataConfig, AdapterConfig, CacheConfig options
+    stage2:                     # PairStageConfig, PairSourceConfig, AdapterConfig options
       source: data/train
       old_image_embeddings: gallery.npy
       max_steps: 800
+      mixed_precision: bf16
 
-Layout: ``RUN_DIR/cache`` (embedding caches), ``RUN_DIR/stage1`` (ψ), ``RUN_DIR/stage2``
-(``adapter/`` is the result). The caches are keyed by fingerprints and reused by
-themselves; a finished stage is skipped when the record it left (``xbt_fit_step.json``:
-a hash of its options, the models' fingerprints and its input) matches. A stage folder
-left by other options is never overwritten: the run stops and says so. A killed fit
-resumes each stage from its latest checkpoint when run again.
+Options can be overridden on the command line with dotted names, values read as YAML::
+
+    xbt fit fit.yaml --stage2.max_steps 3 --stage1.epochs 1 --run_dir runs/try
+
+Every section is parsed and checked before any model is loaded; each model is then
+loaded once and handed to the steps that need it. Layout: ``RUN_DIR/cache`` (embedding
+caches), ``RUN_DIR/stage1`` (ψ), ``RUN_DIR/stage2`` (``adapter/`` is the result). A
+finished stage is skipped when its record (:mod:`xbt.train.records`: a hash of its
+options, the models' fingerprints and its input) matches; a stage folder left by other
+options is never overwritten: the run stops and says so. A killed fit resumes each stage
+from its latest checkpoint when run again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import logging
+import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import CacheConfig
-from ..config import read_config_file
-from ..data.captions import CaptionConfig
-from ..data.pairs import PairDataConfig
 from ..errors import InputError
-from ..model import AdapterConfig
-from ..projection import ProjectionConfig
-from .pair_stage import ADAPTER_DIR, PairStageConfig
-from .pair_stage import train as train_pair_stage
-from .text_stage import ModelPairConfig, TextStageConfig, pretrain_text
+from .config import FitConfig
 
-logger = logging.getLogger(__name__)
+STAGE1_DIR, STAGE2_DIR, CACHE_DIR = "stage1", "stage2", "cache"
+# Options fit sets itself, per section (a user value would be silently overridden, so it is refused).
+FIXED = {"stage1": ("output_dir", "resume"),
+         "stage2": ("output_dir", "resume", "projection", "old_model", "new_model")}
 
-RECORD_FILE = "xbt_fit_step.json"
-STAGE1_TYPES = (CaptionConfig, CacheConfig, ProjectionConfig, TextStageConfig)
-STAGE2_TYPES = (PairStageConfig, PairDataConfig, AdapterConfig, CacheConfig)
+
+def section_types() -> dict[str, tuple[type, ...]]:
+    """The dataclasses whose options each section holds."""
+    from ..adapter_config import AdapterConfig, ProjectionConfig
+    from ..data.config import CacheConfig, CaptionConfig, PairSourceConfig
+    from .config import PairStageConfig, TextStageConfig
+
+    return {"cache": (CacheConfig,), "stage1": (CaptionConfig, ProjectionConfig, TextStageConfig),
+            "stage2": (PairStageConfig, PairSourceConfig, AdapterConfig)}
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Numbers written as strings in YAML (PyYAML reads ``1e-3`` as a string) become numbers."""
+    if isinstance(value, str) and annotation in (float, int, "float", "int"):
+        kind = float if annotation in (float, "float") else int
+        try:
+            return kind(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_section(section: str, types: Sequence[type], values: dict[str, Any],
+                  fixed: dict[str, Any]) -> tuple:
+    """Instances of ``types`` from one section's ``values`` plus the ``fixed`` ones fit sets itself."""
+    allowed = sorted(f.name for kind in types for f in dataclasses.fields(kind) if f.name not in fixed)
+    clash = sorted(set(values) & set(fixed))
+    if clash:
+        raise InputError(f"Section {section}: {clash} are set by xbt fit itself; remove them (allowed keys: "
+                         f"{allowed}).")
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise InputError(f"Section {section}: unknown key(s) {unknown}; allowed keys: {allowed}.")
+    values = {**values, **fixed}
+    instances = []
+    for kind in types:
+        hints = typing.get_type_hints(kind)
+        options = {f.name: _coerce(values[f.name], hints.get(f.name)) for f in dataclasses.fields(kind)
+                   if f.name in values}
+        try:
+            instances.append(kind(**options))
+        except InputError as error:
+            raise InputError(f"Section {section}: {error}") from error
+        except (ValueError, TypeError) as error:  # configs of other modules that do not raise InputError yet
+            raise InputError(f"Section {section}: {error}") from error
+    return tuple(instances)
 
 
 @dataclass
-class FitConfig:
-    """What the whole run needs besides the per-stage sections."""
+class FitPlan:
+    """Every section of a fit file, parsed and checked (no model loaded yet)."""
 
-    old_model: str
-    new_model: str
-    run_dir: str
-    stage1: dict[str, Any] = field(default_factory=dict)
-    stage2: dict[str, Any] = field(default_factory=dict)
+    config: FitConfig
+    cache: Any
+    stage1: tuple  # (CaptionConfig, ProjectionConfig, TextStageConfig)
+    stage2: tuple  # (PairStageConfig, PairSourceConfig, AdapterConfig)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> FitConfig:
-        values = read_config_file(path)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(values) - known), sorted({"old_model", "new_model", "run_dir"} - set(values))
-        if unknown or missing:
-            raise InputError(f"Config file {str(path)!r}: unknown keys {unknown}, missing keys {missing}. The top "
-                             f"level holds old_model, new_model, run_dir and the sections stage1 and stage2.")
-        return cls(**values)
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
 
 
-def _parse_section(types: Sequence[type], values: dict[str, Any], fixed: dict[str, Any], section: str) -> tuple:
-    """Instances of ``types`` from a config section; ``fixed`` values are set by fit itself."""
-    from transformers import HfArgumentParser
+def plan(config: FitConfig) -> FitPlan:
+    """Parse and check every section; raises :class:`InputError` before anything is loaded."""
+    from .pair_stage import loss_weights
 
-    clash = sorted(set(values) & set(fixed))
-    if clash:
-        raise InputError(f"Section {section}: {clash} are set by xbt fit from the top level; remove them.")
-    try:
-        return HfArgumentParser(list(types)).parse_dict({**values, **fixed}, allow_extra_keys=False)
-    except (ValueError, TypeError) as error:
-        raise InputError(f"Section {section}: {error}") from error
-
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _files_digest(folder: Path, pattern: str) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob(pattern)):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:24]
-
-
-def _step(name: str, folder: Path, done: Path, identity: dict[str, Any], run) -> bool:
-    """Run a step unless its record shows it already finished with the same identity; True if it ran."""
-    record_path = folder / RECORD_FILE
-    key = _digest(identity)
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("key") == key and done.exists():
-            logger.info("%s: already done in %s with these inputs, skipping", name, folder)
-            return False
-        if record.get("key") != key:
-            raise InputError(f"{folder} holds a {name} made with other options or models (record {record_path}). "
-                             f"Delete that folder, or choose another run_dir, to train again.")
-    elif done.exists():
-        raise InputError(f"{folder} already holds a {name} that xbt fit did not make; choose another run_dir.")
-    folder.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps({"key": key, "identity": identity, "finished": False}, indent=2, default=str))
-    run()
-    record_path.write_text(json.dumps({"key": key, "identity": identity, "finished": True}, indent=2, default=str))
-    return True
-
-
-def fit(config: FitConfig) -> Path:
-    """Stage 1 then stage 2 (each skipped when done); returns the adapter folder."""
-    from ..backbones import load_backbone
-
+    types = section_types()
     run_dir = Path(config.run_dir)
-    cache = str(run_dir / "cache")
-    fingerprints = {role: load_backbone(reference).fingerprint
-                    for role, reference in (("old", config.old_model), ("new", config.new_model))}
+    (cache,) = parse_section("cache", types["cache"], {"cache_dir": str(run_dir / CACHE_DIR), **config.cache}, {})
+    stage1 = parse_section("stage1", types["stage1"], config.stage1,
+                           {"output_dir": str(run_dir / STAGE1_DIR), "resume": "latest"})
+    stage2 = parse_section("stage2", types["stage2"], config.stage2,
+                           {"output_dir": str(run_dir / STAGE2_DIR), "resume": "latest",
+                            "projection": str(run_dir / STAGE1_DIR), "old_model": config.old_model,
+                            "new_model": config.new_model})
+    try:
+        loss_weights(stage2[0])  # a weighted term whose needs the data does not meet fails now
+    except InputError as error:
+        raise InputError(f"Section stage2: {error}") from error
+    return FitPlan(config, cache, stage1, stage2)
 
-    stage1_dir = run_dir / "stage1"
-    captions, cache1, projection, text_stage = _parse_section(
-        STAGE1_TYPES, config.stage1, {"output_dir": str(stage1_dir), "cache_dir": cache, "resume": "latest"}, "stage1")
+
+def fit(config: FitConfig | FitPlan, accelerator=None) -> Path:
+    """Stage 1 then stage 2 (each skipped when done); returns the adapter folder.
+
+    ``accelerator``: the run's one when the caller has it (the demo); else made here.
+    """
+    from ..backbones import load_backbone
+    from . import engine
+    from .pair_stage import ADAPTER_DIR
+    from .pair_stage import train as train_pair_stage
+    from .records import files_digest, run_step
+    from .config import ModelPairConfig
+    from .text_stage import pretrain_text
+
+    checked = config if isinstance(config, FitPlan) else plan(config)
+    config = checked.config
+    accelerator = accelerator or engine.make_accelerator(cpu=config.cpu)
+    old, new = (load_backbone(reference, device=accelerator.device)
+                for reference in (config.old_model, config.new_model))
+    fingerprints = {"old": old.fingerprint, "new": new.fingerprint}
+    main = accelerator.is_main_process
+
+    stage1_dir = checked.run_dir / STAGE1_DIR
+    captions, projection, text_stage = checked.stage1
     models = ModelPairConfig(old_model=config.old_model, new_model=config.new_model)
-    identity1 = {"models": fingerprints, "options": [dataclasses.asdict(c) for c in (captions, cache1, projection,
-                                                                                        text_stage)]}
-    _step("stage 1 (ψ)", stage1_dir, stage1_dir / "model.safetensors", identity1,
-          lambda: pretrain_text(captions, cache1, models, projection, text_stage))
+    identity1 = {"models": fingerprints,
+                 "options": [dataclasses.asdict(c) for c in (captions, checked.cache, projection, text_stage)]}
+    run_step("stage 1 (ψ)", stage1_dir, identity1,
+             lambda: bool(pretrain_text(captions, checked.cache, models, projection, text_stage, accelerator,
+                                        encoders=(old, new))),
+             done=stage1_dir / "model.safetensors", main_process=main)
 
-    stage2_dir = run_dir / "stage2"
-    pair_stage, data, adapter, cache2 = _parse_section(
-        STAGE2_TYPES, config.stage2,
-        {"output_dir": str(stage2_dir), "cache_dir": cache, "projection": str(stage1_dir), "resume": "latest",
-         "old_model": config.old_model, "new_model": config.new_model}, "stage2")
-    identity2 = {"models": fingerprints, "projection": _files_digest(stage1_dir, "*.safetensors"),
-                 "options": [dataclasses.asdict(c) for c in (pair_stage, data, adapter, cache2)]}
+    stage2_dir = checked.run_dir / STAGE2_DIR
+    pair_stage, data, adapter = checked.stage2
+    identity2 = {"models": fingerprints, "projection": files_digest(stage1_dir, "*.safetensors"),
+                 "options": [dataclasses.asdict(c) for c in (pair_stage, data, adapter, checked.cache)]}
     adapter_dir = stage2_dir / ADAPTER_DIR
-    _step("stage 2 (adapters)", stage2_dir, adapter_dir / "xbt_config.json", identity2,
-          lambda: train_pair_stage(pair_stage, data, adapter, cache2))
+    run_step("stage 2 (adapters)", stage2_dir, identity2,
+             lambda: str(train_pair_stage(pair_stage, data, accelerator, adapter, checked.cache, backbone=new,
+                                          old_encoder=old)),
+             done=adapter_dir / "xbt_config.json", main_process=main)
     return adapter_dir
 
 
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``values`` with ``--key value`` / ``--section.key=value`` overrides applied (values parsed as YAML)."""
+    import yaml
+
+    values = {name: dict(value) if isinstance(value, dict) else value for name, value in values.items()}
+    items = list(overrides)
+    while items:
+        flag = items.pop(0)
+        if not flag.startswith("--") or len(flag) == 2:
+            raise InputError(f"Override {flag!r}: expected --KEY VALUE or --SECTION.KEY VALUE "
+                             f"(e.g. --stage2.max_steps 3).")
+        name, equals, text = flag[2:].partition("=")
+        if not equals:
+            if not items:
+                raise InputError(f"Override {flag}: no value given.")
+            text = items.pop(0)
+        value = yaml.safe_load(text)
+        section, dot, key = name.rpartition(".")
+        if not dot:
+            values[name] = value
+            continue
+        if "." in section:
+            raise InputError(f"Override {flag}: one level of sections only (e.g. --stage2.max_steps).")
+        if section not in ("cache", "stage1", "stage2"):
+            raise InputError(f"Override {flag}: unknown section {section!r}; allowed: cache, stage1, stage2.")
+        target = values.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise InputError(f"Section {section}: got {target!r}; allowed: a mapping of option names to values.")
+        target[key] = value
+    return values
+
+
+def config_from(path: str | Path, overrides: Sequence[str] = ()) -> FitConfig:
+    """The :class:`FitConfig` of a fit file with command-line ``overrides`` applied."""
+    from ..config import read_config_file
+
+    values = apply_overrides(read_config_file(path), overrides)
+    allowed = [f.name for f in dataclasses.fields(FitConfig)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise InputError(f"Config file {str(path)!r}: unknown key(s) {unknown} at the top level; allowed keys: "
+                         f"{allowed}.")
+    missing = sorted({"old_model", "new_model", "run_dir"} - set(values))
+    if missing:
+        raise InputError(f"Config file {str(path)!r}: missing key(s) {missing} at the top level.")
+    return FitConfig(**values)
+
+
 def run(argv: Sequence[str]) -> int:
-    """``xbt fit CONFIG``: cache -> stage 1 -> stage 2 from one YAML/JSON file; prints the adapter folder."""
+    """``xbt fit CONFIG [--section.key VALUE ...]``: cache -> stage 1 -> stage 2; prints the adapter folder."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="xbt fit", description=__doc__.split("\n\n")[0])
+    from . import engine
+
+    parser = argparse.ArgumentParser(prog="xbt fit", description=__doc__.split("\n\n")[0],
+                                     epilog="Overrides: --KEY VALUE or --SECTION.KEY VALUE (values read as YAML), "
+                                            "e.g. --stage2.max_steps 3 --run_dir runs/try.")
     parser.add_argument("config", help="YAML or JSON file (see the module documentation for its layout)")
-    options = parser.parse_args(list(argv))
-    print(fit(FitConfig.from_file(options.config)))
-    return 0
+    options, overrides = parser.parse_known_args(list(argv))
+    checked = plan(config_from(options.config, overrides))  # everything checked before anything loads
+
+    def body() -> int:
+        accelerator = engine.make_accelerator(cpu=checked.config.cpu)
+        adapter = fit(checked, accelerator)
+        if accelerator.is_main_process:
+            print(adapter)
+        return 0
+
+    return engine.run_entry_point(body)

@@ -8,7 +8,8 @@ processes, GPUs or nodes::
         [--old_image_embeddings gallery.npy --old_image_ids ids.txt] [--resume latest]
     accelerate launch scripts/train_adapter.py CONFIG.yaml
 
-Loss terms (each weight configurable; ``None`` = the measured default):
+Loss terms (:data:`xbt.losses.PAIR_TERMS`; weights by name with ``loss_weights``, e.g.
+``new_new=1,anchor=0.5``; terms not named take their measured default):
 
 - ``new_new``: symmetric InfoNCE between ψ(new image) and ψ(new text) of the batch;
 - ``anchor``: 1 − cos(ψ(new text), old text embedding of the same caption);
@@ -25,221 +26,201 @@ Defaults: with stored old image embeddings, new_new + both cross terms (no ancho
 best; without them, new_new + anchor. With no old-space term at all the adapter drifts
 out of the old space (a negative control; a warning says so).
 
-Batches of all processes are gathered (with gradients) before the loss, so every
+``batch_size`` is the global batch: each of N processes loads ``batch_size / N``. Batches of all processes are gathered (with gradients) before the loss, so every
 process computes the loss of the global batch and a run on N processes follows the
 same trajectory as one process with the same global batch.
 
-Output: ``OUTPUT_DIR/adapter/`` (an XBTModel directory) and ``OUTPUT_DIR/checkpoints/step-N/``
+Training runs through the one loop (:func:`xbt.train.engine.train`) as a
+:class:`PairTask`. Output: ``OUTPUT_DIR/adapter/`` (an XBTModel directory) and ``OUTPUT_DIR/checkpoints/step-N/``
 (LoRA + ψ + temperature + optimizer + scheduler + RNG + data position, via ``save_state``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..backbones import load_backbone
-from ..cache import CacheConfig
 from ..config import parse_configs
-from ..data.pairs import PairDataConfig, iter_captions, make_pair_loader, open_pairs, set_loader_epoch
+from ..data.config import CacheConfig, PairDataConfig, PairSourceConfig
+from ..data.pairs import iter_captions, make_pair_loader, open_pairs, set_loader_epoch
 from ..errors import InputError, XBTError
-from ..losses import Temperature, WeightedLoss, cosine_loss, info_nce
-from ..model import AdapterConfig, XBTModel
+from ..losses import PAIR_TERMS, Temperature, resolve_weights, uses_temperature
+from ..adapter_config import AdapterConfig
+from ..model import XBTModel
 from ..projection import Projection
-from .checkpoints import latest_checkpoint, read_progress, resolve_resume, save_checkpoint
+from . import engine
+from .config import AcceleratorConfig, PairStageConfig
 from .distributed import gather_rows
+from .engine import TrainingDivergedError, seed_everything
 from .targets import OldSpaceTargets, build_targets, old_text_source
 
 logger = logging.getLogger(__name__)
 
-TERMS = ("new_new", "anchor", "text_to_old_image", "image_to_old_text")
 ADAPTER_DIR = "adapter"
+__all__ = ["PairTask", "TrainingDivergedError", "train", "run"]
 
 
-class TrainingDivergedError(XBTError):
-    """The loss became NaN or infinite."""
+def provided_by(config: PairStageConfig) -> frozenset[str]:
+    """What this run's data gives the loss terms (see :data:`xbt.losses.NEEDS`)."""
+    return frozenset({"old_captions"} | ({"old_images"} if config.old_image_embeddings else set()))
 
 
+def loss_weights(config: PairStageConfig) -> dict[str, float]:
+    """The weight of every stage-2 term: the given ones, the rest their defaults for this run's data."""
+    return resolve_weights(PAIR_TERMS, config.given_weights, provided_by(config))
+
+
+# ---------------------------------------------------------------------------------
+# The task: the model, the temperature and the loss terms, wrapped together for DDP
+# ---------------------------------------------------------------------------------
 @dataclass
-class PairStageConfig:
-    """Stage-2 models, loss and optimisation. Data, LoRA and cache options are separate dataclasses."""
+class PairInputs:
+    """What a stage-2 loss term reads: the gathered global batch and its old-space targets."""
 
-    new_model: str = field(metadata={"help": "reference of the NEW model (gets the adapters)"})
-    old_model: str = field(metadata={"help": "reference of the OLD model (its text encoder fills the caption cache)"})
-    projection: str = field(metadata={"help": "folder of the stage-1 ψ (Projection.save_pretrained)"})
-    output_dir: str = field(metadata={"help": "run folder: adapter/ and checkpoints/ are written here"})
-    old_image_embeddings: str | None = field(default=None, metadata={
-        "help": "stored OLD image embeddings of the training images (.npy/.safetensors/.faiss): enables the "
-                "gallery-aware terms"})
-    old_image_ids: str | None = field(default=None, metadata={
-        "help": "ids of those embeddings, one per line (default: ids stored in the file, else row numbers)"})
-    new_new_weight: float = 1.0
-    anchor_weight: float | None = field(default=None, metadata={"help": "default: 1 without a gallery, else 0"})
-    text_to_old_image_weight: float | None = field(default=None, metadata={"help": "default: 1 with a gallery"})
-    image_to_old_text_weight: float | None = field(default=None, metadata={"help": "default: 1 with a gallery"})
-    bank_negatives: int = field(default=0, metadata={
-        "help": "stored vectors drawn per step as negatives of the cross terms (0: all of them)"})
-    temperature: float = 0.07
-    learn_temperature: bool = True
-    train_projection: bool = True
-    max_steps: int = 800
-    learning_rate: float = 5e-4
-    projection_learning_rate: float | None = field(default=None, metadata={"help": "default: learning_rate"})
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (where the device supports it)"})
-    gradient_checkpointing: bool = False
-    save_steps: int = 200
-    save_total_limit: int = 2
-    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
-    log_steps: int = 10
-    report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb or all"})
+    image: torch.Tensor  # ψ(new image), (N, d_old)
+    text: torch.Tensor  # ψ(new text) of the caption each example shows, (N, d_old)
+    targets: OldSpaceTargets | None
+    positions: torch.Tensor  # row of each example in the banks
+    caption_indices: torch.Tensor
+    rows: torch.Tensor | slice  # bank rows used as keys this step
+    bank_positives: torch.Tensor  # where each example's positive sits among ``rows``
 
-    def __post_init__(self):
-        if self.max_steps < 1 or self.save_steps < 1 or self.gradient_accumulation_steps < 1:
-            raise InputError("max_steps, save_steps and gradient_accumulation_steps must be positive.")
+    def old_caption(self) -> torch.Tensor:
+        return self.targets.captions[self.targets.caption_rows(self.positions, self.caption_indices)]
 
-    def loss_weights(self, has_gallery: bool) -> dict[str, float]:
-        """The weight of every term, defaults filled in by whether old image embeddings exist."""
-        if not has_gallery and (self.text_to_old_image_weight or 0) > 0:
-            raise InputError("text_to_old_image_weight needs --old_image_embeddings (the stored old image "
-                             "embeddings of the training images).")
-        cross = 1.0 if has_gallery else 0.0
-        weights = {
-            "new_new": self.new_new_weight,
-            "anchor": self.anchor_weight if self.anchor_weight is not None else 1.0 - cross,
-            "text_to_old_image": _default(self.text_to_old_image_weight, cross),
-            "image_to_old_text": _default(self.image_to_old_text_weight, cross),
-        }
-        if not any(weights[name] > 0 for name in TERMS[1:]):
-            logger.warning("No old-space loss term: the adapter will drift out of the old space "
-                           "(only useful as a negative control).")
-        return weights
+    def old_images(self) -> torch.Tensor:
+        return self.targets.images[self.rows]
+
+    def old_caption_means(self) -> torch.Tensor:
+        return self.targets.caption_means[self.rows]
 
 
-def _default(value: float | None, default: float) -> float:
-    return default if value is None else value
+def bank_rows(count: int, positions: torch.Tensor, bank_negatives: int, seed: int,
+              step: int) -> tuple[torch.Tensor | slice, torch.Tensor]:
+    """Rows of the stored banks (``count`` rows) used as keys this step, and where each positive sits among them.
+
+    All rows by default; with ``bank_negatives`` a sample of that many (seeded by the
+    step, so every process draws the same) plus the batch's positives.
+    """
+    if not bank_negatives or bank_negatives >= count:
+        return slice(None), positions
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    sample = torch.randint(0, count, (bank_negatives,), generator=generator).to(positions.device)
+    rows = torch.unique(torch.cat([positions, sample]))  # sorted
+    return rows, torch.searchsorted(rows, positions)
 
 
-# ---------------------------------------------------------------------------------
-# The objective: the model, the temperature and the loss, wrapped together for DDP
-# ---------------------------------------------------------------------------------
-class PairObjective(nn.Module):
-    """Loss of a batch. Everything trainable lives here so DDP synchronises all of it.
+class PairTask(nn.Module):
+    """Stage 2 as an engine task. Everything trainable lives here so DDP synchronises all of it.
 
     Its ``state_dict`` holds only the trainable tensors (LoRA, ψ when trained, the
-    temperature): checkpoints never copy the frozen backbone.
+    temperature): checkpoints never copy the frozen backbone. Batches come from the pair
+    loader; every batch is counted for data quality (a pass's summary at each epoch end).
     """
 
     def __init__(self, model: XBTModel, weights: dict[str, float], temperature: Temperature,
-                 targets: OldSpaceTargets | None, bank_negatives: int = 0, seed: int = 0):
+                 targets: OldSpaceTargets | None, config: PairStageConfig, *, position_of: dict[str, int] | None = None,
+                 loader=None, source=None, world_size: int = 1):
         super().__init__()
         self.model, self.temperature, self.targets = model, temperature, targets
-        self.loss = WeightedLoss(weights)
-        self.bank_negatives, self.seed = bank_negatives, seed
+        self.loss_weights, self.config = weights, config
+        # the data side (batches, quality counts); a task used only for its loss (benchmarks) has none
+        self.position_of, self.loader, self.source, self.world_size = position_of or {}, loader, source, world_size
+        self.quality = source.new_quality(world_size) if source is not None else None
+        self.finished_pass = None
         # Hooks, not state_dict overrides: they also run when DDP wraps this module as a child.
         self.register_state_dict_post_hook(_keep_trainable_only)
         self.register_load_state_dict_post_hook(_frozen_is_not_missing)
 
-    def forward(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], positions: torch.Tensor,
-                caption_indices: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
-        image, text = self.model(pixels, tokens)
-        image, text = gather_rows(image), gather_rows(text)
-        positions, caption_indices = gather_rows(positions), gather_rows(caption_indices)
-        scale = self.temperature()
-        targets = self.targets
-        rows, bank_positives = self.bank_rows(positions, step)
-        terms = {
-            "new_new": lambda: info_nce(image, text, scale),
-            "anchor": lambda: cosine_loss(text, targets.captions[targets.caption_rows(positions, caption_indices)]),
-            "text_to_old_image": lambda: info_nce(text, targets.images[rows], scale, positives=bank_positives,
-                                                  symmetric=False),
-            "image_to_old_text": lambda: info_nce(image, targets.caption_means[rows], scale,
-                                                  positives=bank_positives, symmetric=False),
-        }
-        return self.loss(terms)
+    def parameter_groups(self) -> list[dict]:
+        groups = [{"params": self.model.lora_parameters()},
+                  {"params": list(self.temperature.parameters()), "weight_decay": 0.0}]
+        if self.config.train_projection:
+            groups.append({"params": list(self.model.projection.parameters()),
+                           "lr": self.config.projection_learning_rate or self.config.learning_rate})
+        return groups
 
-    def bank_rows(self, positions: torch.Tensor, step: int) -> tuple[torch.Tensor | slice, torch.Tensor]:
-        """Rows of the stored banks used as keys this step, and where each positive sits among them.
+    def batches(self, epoch: int, start: int):
+        from accelerate import skip_first_batches
 
-        All rows by default; with ``bank_negatives`` a sample of that many (seeded by the
-        step, so every process draws the same) plus the batch's positives.
-        """
+        set_loader_epoch(self.loader, epoch)
+        self.quality = self.source.new_quality(self.world_size)
+        for batch in skip_first_batches(self.loader, start) if start else self.loader:
+            self.quality.update(batch)  # raises InputError once too much is bad (on the rank that reads it)
+            yield batch
+
+    def usable(self, batch: dict[str, Any]) -> bool:
+        return len(batch["ids"]) > 0
+
+    def end_epoch(self, state) -> None:
+        self.finished_pass = self.quality.finish().to_dict()
+
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        device = self.temperature.log_scale.device
+        tokens = {k: v.to(device) for k, v in self.model.backbone.tokenize(batch["captions"]).items()}
+        image, text = self.model(batch["images"].to(device), tokens)
+        positions = _positions(batch, self.position_of).to(device)
+        positions, caption_indices = gather_rows(positions), gather_rows(batch["caption_indices"].to(device))
         count = 0 if self.targets is None else len(self.targets.caption_means)
-        if not self.bank_negatives or self.bank_negatives >= count:
-            return slice(None), positions
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        sample = torch.randint(0, count, (self.bank_negatives,), generator=generator).to(positions.device)
-        rows = torch.unique(torch.cat([positions, sample]))  # sorted
-        return rows, torch.searchsorted(rows, positions)
+        rows, positives = bank_rows(count, positions, self.config.bank_negatives, self.config.seed, step)
+        inputs = PairInputs(gather_rows(image).float(), gather_rows(text).float(), self.targets, positions,
+                            caption_indices, rows, positives)
+        scale = self.temperature()
+        return {name: PAIR_TERMS[name].compute(inputs, scale) for name, weight in self.loss_weights.items()
+                if weight > 0}
+
+    def log_values(self) -> dict[str, float]:
+        return {"temperature": 1.0 / float(self.temperature().detach())}
 
     def trainable_names(self) -> set[str]:
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
 
 
-def _keep_trainable_only(module: PairObjective, state_dict, prefix: str, local_metadata) -> None:
+def _keep_trainable_only(module: PairTask, state_dict, prefix: str, local_metadata) -> None:
     """Checkpoints hold the trained weights only: the frozen backbone is rebuilt from its reference."""
     trainable = module.trainable_names()
     for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in trainable]:
         del state_dict[key]
 
 
-def _frozen_is_not_missing(module: PairObjective, incompatible) -> None:
+def _frozen_is_not_missing(module: PairTask, incompatible) -> None:
     """The frozen backbone is deliberately absent from checkpoints; a missing trainable weight still fails."""
     trainable = module.trainable_names()
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
                                     if any(k == name or k.endswith("." + name) for name in trainable)]
 
 
-def every_rank_has_examples(accelerator, batch: dict) -> bool:
-    """False when any process's batch lost every example to bad data (the ranks must skip together)."""
-    count = torch.tensor([len(batch["ids"])], device=accelerator.device)
-    return bool((accelerator.gather(count) > 0).all()) if accelerator.num_processes > 1 else bool(count.item())
-
-
-class TrainingProgress:
-    """Step, epoch and batch position in the epoch; saved with every checkpoint (data position)."""
-
-    def __init__(self):
-        self.step = self.epoch = self.batch = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
-
-
 # ---------------------------------------------------------------------------------
 # The training run
 # ---------------------------------------------------------------------------------
-def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig | None = None,
-          cache: CacheConfig | None = None) -> Path:
-    """Run stage 2; returns the adapter folder. Resumable (``config.resume``)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
+def train(config: PairStageConfig, data: PairSourceConfig, accelerator, adapter: AdapterConfig | None = None,
+          cache: CacheConfig | None = None, backbone=None, old_encoder=None) -> Path:
+    """Run stage 2 through the engine; returns the adapter folder. Resumable (``config.resume``).
 
+    ``accelerator``: the run's one. ``backbone`` / ``old_encoder``: the new and old models when
+    the caller has them loaded already (``xbt fit``); else the new one is loaded here and the old
+    one only if its caption embeddings are not cached yet.
+    """
     adapter, cache = adapter or AdapterConfig(), cache or CacheConfig()
-    output = Path(config.output_dir)
-    # The scheduler is stepped by hand once per optimiser step (not once per process, accelerate's default).
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              step_scheduler_with_optimizer=False,
-                              mixed_precision=config.mixed_precision,
-                              log_with=None if config.report_to == "none" else config.report_to,
-                              project_dir=str(output))
-    set_seed(data.seed)
+    processes = accelerator.num_processes
+    if config.batch_size % processes:
+        raise InputError(f"batch_size: {config.batch_size} does not divide evenly over {processes} processes; "
+                         f"allowed: a multiple of {processes} (batch_size is the global batch).")
+    weights = loss_weights(config)  # before anything is loaded: a bad weight fails at once
+    loader_config = PairDataConfig(**asdict(data), batch_size=config.batch_size // processes, seed=config.seed)
+    source = open_pairs(loader_config)
+    seed_everything(config.seed)  # before LoRA is initialised
 
     # Models: the frozen new backbone gets LoRA; ψ starts from stage 1.
-    backbone = load_backbone(config.new_model, device=accelerator.device)
+    if backbone is None:
+        from ..backbones import load_backbone
+
+        backbone = load_backbone(config.new_model, device=accelerator.device)
     projection = Projection.from_pretrained(config.projection)
     model = XBTModel(backbone, projection, adapter, old_reference=config.old_model)
     projection.requires_grad_(config.train_projection)
@@ -247,117 +228,42 @@ def train(config: PairStageConfig, data: PairDataConfig, adapter: AdapterConfig 
         enable_gradient_checkpointing(backbone.model)
 
     # Data and the old-space targets of every training pair.
-    source = open_pairs(data)
-    loader = make_pair_loader(source, backbone.preprocess, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes)
+    loader = make_pair_loader(source, backbone.preprocess, rank=accelerator.process_index, world_size=processes)
     images = "streamed" if source.streamed else len(source)  # tar shards have no length up front
-    has_gallery = config.old_image_embeddings is not None
-    weights = config.loss_weights(has_gallery)
     targets, position_of = None, {}
-    if any(weights[name] > 0 for name in TERMS[1:]):
+    if any(weights[name] > 0 and PAIR_TERMS[name].needs for name in weights):
         listing = list(iter_captions(source))
         ids, captions = [i for i, _ in listing], [c for _, c in listing]
         position_of = {identifier: position for position, identifier in enumerate(ids)}
         old_text = old_text_source(config.old_model, projection.target_space, projection.old_dim,
-                                   accelerator.device, batch_size=cache.encode_batch_size)
+                                   accelerator.device, batch_size=cache.encode_batch_size, encoder=old_encoder)
         targets = build_targets(ids, captions, old_text, cache, config.old_image_embeddings, config.old_image_ids,
                                 process=accelerator).to(accelerator.device)
 
-    # A temperature no weighted InfoNCE term uses must not train: DDP refuses parameters without gradients.
-    uses_temperature = any(weights[name] > 0 for name in ("new_new", "text_to_old_image", "image_to_old_text"))
-    temperature = Temperature(config.temperature, config.learn_temperature and uses_temperature)
-    objective = PairObjective(model, weights, temperature, targets,
-                              config.bank_negatives, data.seed)
-    objective.to(accelerator.device)
-    groups = [{"params": model.lora_parameters(), "lr": config.learning_rate},
-              {"params": list(objective.temperature.parameters()), "lr": config.learning_rate, "weight_decay": 0.0}]
-    if config.train_projection:
-        groups.append({"params": list(projection.parameters()),
-                       "lr": config.projection_learning_rate or config.learning_rate})
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
-    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
-    progress = TrainingProgress()
-    checkpoint = resolve_resume(output, config.resume)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        progress.load_state_dict(read_progress(checkpoint))
-        logger.info("Resumed from %s at step %d", checkpoint, progress.step)
-    if config.report_to != "none":
-        accelerator.init_trackers("xbt-stage2", config={**_flat(config), **_flat(data), **_flat(adapter)})
-        if not accelerator.trackers:
-            logger.warning("report_to=%s: no such tracker is installed (pip install tensorboard / wandb); "
-                           "progress goes to the log only.", config.report_to)
+    temperature = Temperature(config.temperature, config.learn_temperature and uses_temperature(PAIR_TERMS, weights))
+    task = PairTask(model, weights, temperature, targets, config, position_of=position_of, loader=loader,
+                    source=source, world_size=processes)
+    task.to(accelerator.device)
+    logger.info("Stage 2: %s images, %d process(es), global batch %d, %d steps, loss weights %s", images, processes,
+                config.batch_size * config.gradient_accumulation_steps, config.max_steps,
+                {k: v for k, v in weights.items() if v > 0})
+    state = engine.train(task, config, accelerator, config.max_steps, "stage 2",
+                         {**asdict(loader_config), **asdict(adapter)})
 
-    logger.info("Stage 2: %s images, %d process(es), global batch %d, %d steps, loss weights %s", images,
-                accelerator.num_processes,
-                data.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
-                config.max_steps, {k: v for k, v in weights.items() if v > 0})
-    objective.train()
-    bar = tqdm(total=config.max_steps, initial=progress.step, desc="stage 2", disable=not accelerator.is_main_process)
-    quality, terms, finished_pass = source.new_quality(accelerator.num_processes), {}, None
-    while progress.step < config.max_steps:
-        set_loader_epoch(loader, progress.epoch)
-        batches = _skip(loader, progress.batch)
-        for batch in batches:
-            quality.update(batch)
-            if not every_rank_has_examples(accelerator, batch):
-                progress.batch += 1  # all of some rank's examples were unusable: skip this step everywhere
-                continue
-            positions = _positions(batch, position_of)
-            with accelerator.accumulate(objective):
-                loss, terms = objective(batch["images"].to(accelerator.device),
-                                        {k: v.to(accelerator.device) for k, v in
-                                         backbone.tokenize(batch["captions"]).items()},
-                                        positions.to(accelerator.device),
-                                        batch["caption_indices"].to(accelerator.device), progress.step)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"Stage 2 loss became {float(loss.detach())} at step {progress.step + 1} (terms {terms}). "
-                        f"The last good checkpoint is {latest_checkpoint(output) or 'none'}; lower the learning rate and "
-                        f"resume from it with --resume latest.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            progress.batch += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            progress.step += 1
-            bar.update(1)
-            if progress.step % config.log_steps == 0 or progress.step == config.max_steps:
-                logs = {"loss": float(loss.detach()), **terms, "lr": scheduler.get_last_lr()[0],
-                        "temperature": 1.0 / float(accelerator.unwrap_model(objective).temperature().detach())}
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-                accelerator.log(logs, step=progress.step)
-                logger.debug("step %d: %s", progress.step, logs)
-            if progress.step % config.save_steps == 0 or progress.step == config.max_steps:
-                _save_checkpoint(accelerator, objective, output, progress, config.save_total_limit)
-            if progress.step >= config.max_steps:
-                break
-        else:
-            finished_pass = quality.finish().to_dict()
-            quality = source.new_quality(accelerator.num_processes)
-            progress.epoch, progress.batch = progress.epoch + 1, 0
-    bar.close()
-
-    folder = output / ADAPTER_DIR
-    check_replicas_identical(accelerator, objective)
+    folder = Path(config.output_dir) / ADAPTER_DIR
+    check_replicas_identical(accelerator, task)
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(objective).model
-        trained.training_summary = {
-            "steps": progress.step, "loss_weights": weights, "final_loss_terms": terms,
-            "global_batch_size": data.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
-            "processes": accelerator.num_processes, "learning_rate": config.learning_rate,
+        model.training_summary = {
+            "steps": state.step, "loss_weights": weights, "final_loss_terms": state.terms,
+            "global_batch_size": config.batch_size * config.gradient_accumulation_steps,
+            "processes": processes, "learning_rate": config.learning_rate,
             "train_projection": config.train_projection, "data": source.description,
-            "images": images, "seed": data.seed, "gallery_aware": has_gallery, "replicas_identical": True,
-            "data_quality": finished_pass or quality.to_dict(),  # of the main process's share of the data
+            "images": images, "seed": config.seed, "gallery_aware": "old_images" in provided_by(config),
+            "replicas_identical": True,
+            "data_quality": task.finished_pass or task.quality.to_dict(),  # of the main process's share
         }
-        trained.save_pretrained(folder)
+        model.save_pretrained(folder)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return folder
 
 
@@ -369,12 +275,6 @@ def check_replicas_identical(accelerator, objective: nn.Module) -> None:
     if not bool((gathered == gathered[0]).all()):
         raise XBTError(f"The {accelerator.num_processes} processes ended with different weights: they were not "
                        f"synchronised. On CPU, launch with ACCELERATE_USE_CPU=true (see the README).")
-
-
-def _skip(loader, batches: int):
-    from accelerate import skip_first_batches
-
-    return skip_first_batches(loader, batches) if batches else loader
 
 
 def _positions(batch: dict[str, Any], position_of: dict[str, int]) -> torch.Tensor:
@@ -396,37 +296,24 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------
-def _save_checkpoint(accelerator, objective: nn.Module, output: Path, progress: TrainingProgress, keep: int) -> None:
-    """Refuse to checkpoint NaN/inf weights: the last good checkpoint must stay the newest one."""
-    unwrapped = accelerator.unwrap_model(objective)
-    if not all(torch.isfinite(p).all() for p in unwrapped.parameters() if p.requires_grad):
-        raise TrainingDivergedError(f"Trainable weights became NaN/inf at step {progress.step}; not checkpointing "
-                                    f"them. The last good checkpoint is {latest_checkpoint(output) or 'none'}.")
-    save_checkpoint(accelerator, output, progress.state_dict(), keep)
-
-
-def _flat(config) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(config).items()}
-
-
-# ---------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------
-CONFIG_TYPES = (PairStageConfig, PairDataConfig, AdapterConfig, CacheConfig)
+CONFIG_TYPES = (PairStageConfig, PairSourceConfig, AdapterConfig, CacheConfig, AcceleratorConfig)
 
 
 def run(argv: list[str] | None = None) -> int:
     """``xbt train``: parse flags and/or ``--config FILE`` (YAML/JSON), train, print the adapter folder."""
-    config, data, adapter, cache = parse_configs(CONFIG_TYPES, argv or [], prog="xbt train",
-                                                 description="Stage 2: train LoRA adapters + ψ on image-text pairs.")
-    folder = train(config, data, adapter, cache)
-    from accelerate import PartialState
+    config, data, adapter, cache, device = parse_configs(
+        CONFIG_TYPES, argv or [], prog="xbt train", description="Stage 2: train LoRA adapters + ψ on image-text pairs.")
 
-    if PartialState().is_main_process:
-        print(folder)
-    return 0
+    def body() -> int:
+        accelerator = engine.make_accelerator(cpu=device.cpu)
+        folder = train(config, data, accelerator, adapter, cache)
+        if accelerator.is_main_process:
+            print(folder)
+        return 0
+
+    return engine.run_entry_point(body)
 
 
 def main() -> int:
@@ -439,4 +326,3 @@ def main() -> int:
     except XBTError as error:
         print(f"train_adapter: error: {error}", file=sys.stderr)
         return 2
-

@@ -17,15 +17,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from ..backbones import load_backbone
-from ..cache import CacheConfig, EmbeddingSource, ProcessGroup, build_cache
+from ..cache import EmbeddingSource, ProcessGroup, build_cache
+from ..data.config import CacheConfig
 from ..errors import FingerprintMismatchError, InputError
+from ..io import read_ids
 from ..retrieval import load_embeddings
 
 logger = logging.getLogger(__name__)
@@ -55,14 +56,21 @@ class OldSpaceTargets:
         return OldSpaceTargets(move(self.captions), move(self.offsets), move(self.caption_means), move(self.images))
 
 
-def old_text_source(reference: str, fingerprint: str, dim: int, device, batch_size: int = 256) -> EmbeddingSource:
-    """Cache source for the old model's text embeddings; the model is loaded only if something must be encoded."""
-    encoder = None
+def old_text_source(reference: str, fingerprint: str, dim: int, device, batch_size: int = 256,
+                    encoder=None) -> EmbeddingSource:
+    """Cache source for the old model's text embeddings.
+
+    ``encoder``: the old model when the caller has it loaded already; otherwise it is
+    loaded only if something must be encoded.
+    """
+    checked = False
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
-        nonlocal encoder
+        nonlocal encoder, checked
         if encoder is None:
             encoder = load_backbone(reference, device=device)
+        if not checked:
+            checked = True
             if encoder.fingerprint != fingerprint:
                 raise FingerprintMismatchError(
                     f"The old model {reference} has fingerprint {encoder.fingerprint}, but ψ was trained for "
@@ -107,7 +115,7 @@ def load_gallery(path: str, ids: Sequence[str], dim: int, ids_path: str | None =
     """
     stored = load_embeddings(path)
     vectors = np.asarray(stored.vectors, dtype=np.float32)
-    gallery_ids = _read_string_ids(Path(ids_path)) if ids_path else [str(label) for label in stored.labels]
+    gallery_ids = read_ids(ids_path) if ids_path else [str(label) for label in stored.labels]
     where = f"Old image embeddings {path!r}"
     if vectors.shape[1] != dim:
         raise InputError(f"{where} have dimension {vectors.shape[1]}, but the old model's space has {dim}. "
@@ -129,14 +137,3 @@ def load_gallery(path: str, ids: Sequence[str], dim: int, ids_path: str | None =
     order = np.array([row_of[identifier] for identifier in ids])
     logger.info("Matched %d stored old image embeddings to the training images by id", len(order))
     return F.normalize(torch.from_numpy(vectors[order]), dim=-1)
-
-
-def _read_string_ids(path: Path) -> list[str]:
-    if not path.is_file():
-        raise InputError(f"Ids file {str(path)!r} does not exist.")
-    if path.suffix == ".npy":
-        values = np.load(path, allow_pickle=False)
-        if values.ndim != 1:
-            raise InputError(f"Ids file {str(path)!r} must hold a 1-D array, got shape {values.shape}.")
-        return [str(value) for value in values.tolist()]
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
