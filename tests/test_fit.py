@@ -14,7 +14,7 @@ from xbt.errors import InputError
 from xbt.model import XBTModel
 from xbt.train.fit import FitConfig, fit
 
-from test_pair_stage import write_pairs
+from helpers import write_pairs
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,7 @@ from xbt.projection import Projection, ProjectionConfig
 from xbt.train.checkpoints import latest_checkpoint
 from xbt.train.text_stage import TextStageConfig, train_text_stage
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_cache import captions  # noqa: E402
+from helpers import captions
 
 REPO = Path(__file__).resolve().parents[1]
 
