@@ -1,6 +1,7 @@
-"""Both backends, with tiny real models saved in their own libraries' formats."""
+"""Both backends, with tiny real models saved in their own libraries' formats; the family registry."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from xbt import InputError, ModelLoadError, load_backbone
-from xbt.demo.models import BUILDERS, TinyClipConfig, build_clip_tokenizer
+from xbt.backbones import FAMILIES, DualEncoder, families, family_for, register
+from xbt.demo.models import BUILDERS, FAMILY_BUILDERS, TinyClipConfig, build_clip_tokenizer
+from xbt.references import BACKENDS
 
 CAPTIONS = ["a red circle on grass", "two blue squares", "a small green triangle at the top left"]
 
@@ -83,6 +86,26 @@ def test_fingerprints_differ_between_models_and_weights(tiny_encoders, tmp_path)
     assert load_backbone(f"open_clip:local-dir:{folder}").fingerprint != tiny_encoders["open_clip"].fingerprint
 
 
+# Computed on main before the backbones became a registry (same seed-0 tiny models): artefacts depend on
+# these, so the fingerprint bytes and the preset regexes (recorded in every adapter) must never change.
+PINNED = {
+    "open_clip": ("open_clip-a82b1d66b1f299f7",
+                  r"(?:visual\.transformer\.resblocks\.\d+\.attn)|(?:visual\.transformer\.resblocks\.\d+\.mlp\.(?:c_fc|c_proj))"
+                  r"|(?:(?:text\.)?transformer\.resblocks\.\d+\.attn)|(?:(?:text\.)?transformer\.resblocks\.\d+\.mlp\.(?:c_fc|c_proj))"),
+    "hf": ("hf-dcbcf360c7af9ac7",
+           r"(?:vision_model\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj))"
+           r"|(?:vision_model\.encoder\.layers\.\d+\.mlp\.(?:fc1|fc2))"
+           r"|(?:text_model\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj))"
+           r"|(?:text_model\.encoder\.layers\.\d+\.mlp\.(?:fc1|fc2))"),
+}
+
+
+def test_fingerprints_and_default_lora_targets_are_pinned(tiny_encoders, backend):
+    fingerprint, targets = PINNED[backend]
+    assert tiny_encoders[backend].fingerprint == fingerprint
+    assert tiny_encoders[backend].lora_target_modules() == targets
+
+
 def test_fingerprint_is_stable_across_processes(tiny_refs, tiny_encoders):
     code = (f"from xbt import load_backbone; print(load_backbone({tiny_refs['hf']!r}).fingerprint)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -116,8 +139,102 @@ def test_lora_presets_select_the_named_tower_and_layers(tiny_encoders, backend, 
 
 
 def test_lora_preset_rejects_unknown_names(tiny_encoders):
-    with pytest.raises(ValueError, match="towers must be"):
+    with pytest.raises(InputError, match="towers must be"):
         tiny_encoders["hf"].lora_target_modules(("audio",))
+
+
+def _lora_modules(reference: str, target_modules) -> list[str]:
+    """Names of the modules peft actually wraps with LoRA for ``target_modules`` (fresh backbone)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = load_backbone(reference).model
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=target_modules), model)
+    # peft wraps a MultiheadAttention's inner out_proj too ("....attn.base_layer.out_proj"): part of the target.
+    return sorted(name for name, module in model.named_modules() if hasattr(module, "lora_A")
+                  and ".base_layer." not in name)
+
+
+@pytest.mark.parametrize("backend, target_modules, expected", [
+    ("hf", r"text_model\.encoder\.layers\.0\.mlp\.fc1", ["text_model.encoder.layers.0.mlp.fc1"]),
+    ("hf", ["q_proj", "v_proj"], sorted(f"{tower}_model.encoder.layers.{i}.self_attn.{p}_proj" for tower in
+                                        ("text", "vision") for i in (0, 1) for p in ("q", "v"))),
+    ("open_clip", r"visual\.transformer\.resblocks\.1\.attn", ["visual.transformer.resblocks.1.attn"]),
+    ("open_clip", ["c_fc"], sorted(f"{prefix}transformer.resblocks.{i}.mlp.c_fc" for prefix in ("", "visual.")
+                                   for i in (0, 1))),
+], ids=["hf-regex", "hf-names", "open_clip-regex", "open_clip-names"])
+def test_explicit_target_modules_override_the_presets(tiny_refs, tiny_encoders, backend, target_modules, expected):
+    # The preset arguments (vision attention only) are ignored once targets are explicit.
+    given = tiny_encoders[backend].lora_target_modules(("vision",), ("attention",), target_modules=target_modules)
+    assert given == target_modules and type(given) is type(target_modules)
+    assert _lora_modules(tiny_refs[backend], given) == expected
+
+
+@pytest.mark.parametrize("target_modules, words", [
+    (r"text_model\.nothing\.\d+", "matches no module"),
+    (["q_proj", "query"], r"\['query'\] match no module"),
+    ([], "non-empty list"),
+    ("(", "not a valid regex"),
+])
+def test_explicit_target_modules_that_select_nothing_are_refused(tiny_encoders, target_modules, words):
+    with pytest.raises(InputError, match=words) as caught:
+        tiny_encoders["hf"].lora_target_modules(target_modules=target_modules)
+    if "match" in words:
+        assert "Valid names include: text_model.encoder.layers.0.self_attn.k_proj" in str(caught.value)
+
+
+# -- the family registry -----------------------------------------------------------------
+@pytest.mark.parametrize("family, config, dim, prefix, wrong_prefix, wrong_words", [
+    ("open_clip", TinyClipConfig(), 32, "open_clip:local-dir:", "hf:", "no config.json"),
+    ("clip", TinyClipConfig(embed_dim=24), 24, "hf:", "open_clip:local-dir:", "no open_clip_config.json"),
+    ("siglip", TinyClipConfig(width=48), 48, "hf:", "open_clip:local-dir:", "no open_clip_config.json"),
+])
+def test_each_family_loads_through_its_prefix(tmp_path, family, config, dim, prefix, wrong_prefix, wrong_words):
+    reference = FAMILY_BUILDERS[family](tmp_path / family, config)
+    assert reference.startswith(prefix)
+    encoder = load_backbone(reference)
+    assert type(encoder) is FAMILIES[family] and encoder.family == family
+    assert encoder.backend == prefix.partition(":")[0] and encoder.fingerprint.startswith(encoder.backend + "-")
+    assert encoder.embed_dim == encoder.dim == dim
+    assert encoder.encode_text(CAPTIONS).shape == (len(CAPTIONS), dim)
+    assert encoder.encode_image(_images()).shape == (3, dim)
+    assert str(encoder.reference) == reference
+    with pytest.raises(ModelLoadError, match=wrong_words):
+        load_backbone(wrong_prefix + str(encoder.reference.path))
+
+
+def test_every_reference_prefix_has_a_family_and_no_family_another_prefix():
+    assert {cls.backend for cls in families()} == set(BACKENDS)
+    assert set(FAMILIES) == set(FAMILY_BUILDERS)
+    assert [cls.family for cls in families("hf")] == ["clip", "siglip"]
+    assert family_for("open_clip") is FAMILIES["open_clip"] and family_for("hf", "siglip") is FAMILIES["siglip"]
+
+
+def _family(name: str, backend: str, model_type: str | None, base: type = DualEncoder) -> type:
+    return type(f"Fake{name}", (base,), {"family": name, "backend": backend, "model_type": model_type})
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: _family("new", "timm", None), "not a reference prefix"),
+    (lambda: _family("clip", "hf", "other", FAMILIES["clip"]), "registered twice"),
+    (lambda: _family("clip2", "hf", "siglip", FAMILIES["clip"]), "distinct model_type"),
+    (lambda: _family("clip3", "hf", None, FAMILIES["clip"]), "distinct model_type"),
+    (lambda: _family("own_loader", "hf", "own", FAMILIES["open_clip"]), "inherit the loader"),
+], ids=["unknown-prefix", "same-name", "same-model-type", "no-model-type", "other-loader"])
+def test_register_refuses_inconsistent_families(make, words):
+    before = dict(FAMILIES)
+    with pytest.raises(TypeError, match=words):
+        register(make())
+    assert FAMILIES == before
+
+
+def test_an_unregistered_hf_dual_encoder_is_refused_naming_the_supported_types(tmp_path):
+    from transformers import Siglip2Config, Siglip2Model
+
+    tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    Siglip2Model(Siglip2Config(text_config={**tower, "vocab_size": 64},
+                               vision_config={**tower, "num_patches": 16})).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="model type 'siglip2'; supported: 'clip', 'siglip'"):
+        load_backbone(f"hf:{tmp_path}")
 
 
 @pytest.mark.parametrize("texts, words", [([], "empty list"), (["ok", "  "], "Text #1"), ("a string", "single string"),
@@ -191,6 +308,21 @@ def test_cli_version_help_and_info(tiny_refs):
     assert subprocess.run(xbt + ["--version"], capture_output=True, text=True).stdout.startswith("xbt ")
     assert "info" in subprocess.run(xbt + ["--help"], capture_output=True, text=True).stdout
     out = subprocess.run(xbt + ["info", tiny_refs["hf"]], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout)["embed_dim"] == 32
+    info = json.loads(out.stdout)
+    assert (info["embed_dim"], info["backend"], info["family"]) == (32, "hf", "clip")
     bad = subprocess.run(xbt + ["info", "hf:/not/here"], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_a_clip_variant_with_a_projection_dim_loads_as_the_clip_family(tmp_path):
+    from transformers import AutoConfig, MetaClip2Config, MetaClip2Model
+
+    # A CLIP folder (tokenizer, processor) whose model is replaced by MetaCLIP 2, an unregistered CLIP variant.
+    reference = BUILDERS["hf"](tmp_path, TinyClipConfig())
+    clip = AutoConfig.from_pretrained(tmp_path)
+    MetaClip2Model(MetaClip2Config(text_config=clip.text_config.to_dict(), vision_config=clip.vision_config.to_dict(),
+                                   projection_dim=clip.projection_dim)).save_pretrained(tmp_path)
+    encoder = load_backbone(reference)
+    assert type(encoder) is FAMILIES["clip"] and type(encoder.model).__name__ == "MetaClip2Model"
+    assert encoder.encode_text(CAPTIONS).shape == (len(CAPTIONS), 32)
+    assert any(re.fullmatch(encoder.lora_target_modules(), name) for name, _ in encoder.model.named_modules())

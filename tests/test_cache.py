@@ -30,7 +30,7 @@ def counting(source: EmbeddingSource, calls: list) -> EmbeddingSource:
         calls.append(len(items))
         return source.encode(items)
 
-    return EmbeddingSource(source.name, source.fingerprint, source.dim, encode)
+    return EmbeddingSource(source.name, source.fingerprint, source.dim, encode, source.space_id)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,19 @@ def test_complete_cache_is_reused_without_encoding(tmp_path, sources):
     assert EmbeddingCache.find(tmp_path, sources, texts_fingerprint(texts)).path == first.path
 
 
+def test_the_manifest_records_each_sources_space_and_refuses_another(tmp_path, tiny_encoders, sources):
+    texts = captions(20)
+    cache = build_cache(tmp_path, sources, texts, shard_size=16, progress=False)
+    assert cache.space_ids == {"old": tiny_encoders["open_clip"].space_id, "new": tiny_encoders["hf"].space_id}
+    assert json.loads((cache.path / "manifest.json").read_text())["sources"]["old"]["space_id"] == cache.space_ids["old"]
+    moved = EmbeddingSource("old", sources[0].fingerprint, sources[0].dim, sources[0].encode, "another-space")
+    with pytest.raises(FingerprintMismatchError, match="another-space") as refused:
+        EmbeddingCache.open(cache.path, [moved])
+    assert cache.space_ids["old"] in str(refused.value)
+    # The space id is part of the key: vectors of another space never share a cache directory.
+    assert cache_key([moved, sources[1]], texts_fingerprint(texts), "float16") != cache.path.name
+
+
 def test_changed_model_or_corpus_is_never_reused(tmp_path, tiny_refs, sources):
     from xbt import load_backbone
     from xbt.demo.models import TinyClipConfig, build_open_clip
@@ -97,7 +110,7 @@ def test_half_written_and_foreign_shards_are_never_read(tmp_path, sources):
     folder = root / cache_key(sources, texts_fingerprint(texts), "float16")
     # what a killed writer can leave: a temporary file, and a stray complete-looking file of another build
     folder.mkdir(parents=True)
-    (folder / "shard-00000.safetensors.tmp").write_bytes(b"\x00" * 100)
+    (folder / ".shard-00000.safetensors.tmp").write_bytes(b"\x00" * 100)
     (folder / "shard-00001.safetensors").write_bytes((reference.path / "shard-00000.safetensors").read_bytes())
     with pytest.raises(InputError, match="not a complete embedding cache"):
         EmbeddingCache(folder)

@@ -44,7 +44,7 @@ def _adapter(tiny_refs, seed: int) -> XBTModel:
     torch.manual_seed(seed)
     projection = Projection.build(backbone.embed_dim, old.embed_dim, ProjectionConfig(kind="linear"),
                                   source_space=backbone.fingerprint, target_space=old.fingerprint)
-    model = XBTModel(backbone, projection, old_reference=tiny_refs["open_clip"])
+    model = XBTModel(backbone, projection, old_reference=tiny_refs["open_clip"], old_model_id=old.model_id)
     with torch.no_grad():  # LoRA B starts at zero: give each adapter an effect of its own
         for parameter in model.lora_parameters():
             parameter.normal_(std=0.1)
@@ -74,21 +74,25 @@ def test_push_then_pull_by_repo_id_revision_and_offline(adapters, tiny_refs, tmp
     root, models = adapters
     eval_dir = tmp_path / "eval"
     data = write_split(tmp_path / "evalset", "shapes", 12, seed=5, split="test")
-    assert cli(["eval", "--old", tiny_refs["open_clip"], "--new", tiny_refs["hf"], "--adapter", str(root / "v1"),
-                "--eval-set", str(data), "--output", str(eval_dir)]) == 0
+    assert cli(["eval", "--old_model", tiny_refs["open_clip"], "--new_model", tiny_refs["hf"],
+                "--adapter", str(root / "v1"),
+                "--eval_set", str(data), "--output_dir", str(eval_dir)]) == 0
 
     with HubServer() as hub:
         env = _env(tmp_path, hub.endpoint)
-        first = _run(["-m", "xbt", "push", str(root / "v1"), "team/clip-upgrade", "--eval", str(eval_dir)], env)
+        first = _run(["-m", "xbt", "push", "--adapter_dir", str(root / "v1"), "--repo_id", "team/clip-upgrade",
+                      "--eval_dir", str(eval_dir)], env)
         assert first.returncode == 0, first.stderr
         commit_v1 = first.stdout.strip().split("@")[1]
-        second = _run(["-m", "xbt", "push", str(root / "v2"), "team/clip-upgrade", "--message", "v2"], env)
+        second = _run(["-m", "xbt", "push", "--adapter_dir", str(root / "v2"), "--repo_id", "team/clip-upgrade",
+                       "--commit_message", "v2"], env)
         assert second.returncode == 0, second.stderr
 
         repo = hub.state.repos["team/clip-upgrade"]
         published = repo["commits"][commit_v1]
-        assert {"README.md", "xbt_config.json", "projection.safetensors", "adapter_config.json",
-                "adapter_model.safetensors", "eval/metrics.json", "eval/matrix.png"} <= set(published)
+        assert {"README.md", "xbt_config.json", "projection/config.json", "projection/model.safetensors",
+                "adapter_config.json", "adapter_model.safetensors", "eval/metrics.json",
+                "eval/matrix.png"} <= set(published)
         assert not [name for name in published if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
         card = published["README.md"].decode()
         meta = yaml.safe_load(card.split("---")[1])
@@ -125,8 +129,9 @@ def test_model_card_without_evaluation(adapters):
 
 def test_only_adapter_directories_without_pickles_are_published(adapters, tmp_path):
     root, _ = adapters
-    names = {p.name for p in adapter_files(root / "v2")}
-    assert {"xbt_config.json", "projection.safetensors", "adapter_model.safetensors"} <= names
+    names = {p.relative_to(root / "v2").as_posix() for p in adapter_files(root / "v2")}
+    assert {"xbt_config.json", "projection/config.json", "projection/model.safetensors",
+            "adapter_model.safetensors"} <= names
     with pytest.raises(InputError, match="not an xbt adapter directory"):
         adapter_files(tmp_path)
     with pytest.raises(InputError, match="does not exist"):
@@ -142,8 +147,10 @@ def test_only_adapter_directories_without_pickles_are_published(adapters, tmp_pa
 def test_push_to_an_unreachable_hub_says_so(adapters, tmp_path):
     root, _ = adapters
     env = _env(tmp_path, "http://127.0.0.1:9")  # discard port: nothing listens
-    result = _run(["-m", "xbt", "push", str(root / "v2"), "team/x"], env)
+    result = _run(["-m", "xbt", "push", "--adapter_dir", str(root / "v2"), "--repo_id", "team/x"], env)
     assert result.returncode == 2 and "Pushing" in result.stderr and "HF_ENDPOINT" in result.stderr
+    bad = _run(["-m", "xbt", "push", "--adapter_dir", str(root / "v2"), "--repo_id", "team//x"], env)
+    assert bad.returncode == 2 and "repo_id must be a Hub repo id" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # Child process: publish a projection whose weights exist only as a pickle, then try to load it.

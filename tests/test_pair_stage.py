@@ -75,7 +75,7 @@ def configs(setup: Setup, output: Path, **overrides) -> tuple[PairStageConfig, P
 
 def trainable_weights(folder: Path) -> dict[str, torch.Tensor]:
     return {**load_file(str(folder / "adapter_model.safetensors")),
-            **{f"psi.{k}": v for k, v in load_file(str(folder / "projection.safetensors")).items()}}
+            **{f"psi.{k}": v for k, v in load_file(str(folder / "projection" / "model.safetensors")).items()}}
 
 
 def test_train_writes_a_loadable_adapter_and_leaves_the_base_untouched(setup, tmp_path):

@@ -52,15 +52,33 @@ def test_refuses_other_models_and_wrong_dimensions():
         psi(torch.randn(2, 7))
 
 
-def test_from_linear_map_and_config_validation():
+def test_from_linear_map_and_build():
     weight = torch.randn(4, 6)
     psi = Projection.from_linear_map(weight)
     x = torch.randn(3, 6)
     torch.testing.assert_close(psi(x), torch.nn.functional.normalize(x @ weight.T, dim=-1))
-    with pytest.raises(ValueError, match="one of"):
-        ProjectionConfig(kind="quadratic")
-    with pytest.raises(ValueError, match="orthogonal"):
-        ProjectionConfig(kind="linear", extra_dims=4)
     built = Projection.build(6, 4, ProjectionConfig(kind="orthogonal", extra_dims=2))
-    assert built.extra_dims == 2
+    assert (built.extra_dims, built.full_dim, built.extended(x).shape) == (2, 6, (3, 6))
+
+
+# Each bad shape, through the config and through the constructor alike: the message names option and value.
+BAD_SHAPES = [
+    ({"kind": "quadratic"}, "kind must be one of ['linear', 'mlp', 'orthogonal'], got 'quadratic'"),
+    ({"kind": "linear", "extra_dims": 4}, "extra_dims applies to kind 'orthogonal' only and must be >= 0, "
+                                          "got extra_dims=4 with kind 'linear'"),
+    ({"kind": "orthogonal", "extra_dims": -1}, "extra_dims applies to kind 'orthogonal' only and must be >= 0, "
+                                               "got extra_dims=-1 with kind 'orthogonal'"),
+    ({"kind": "mlp", "hidden_dim": 0}, "hidden_dim applies to kind 'mlp' only and must be at least 1, "
+                                       "got hidden_dim=0 with kind 'mlp'"),
+    ({"kind": "linear", "hidden_dim": 16}, "hidden_dim applies to kind 'mlp' only and must be at least 1, "
+                                           "got hidden_dim=16 with kind 'linear'"),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_SHAPES, ids=[str(o) for o, _ in BAD_SHAPES])
+def test_bad_shapes_are_input_errors(options, message):
+    for make in (lambda: ProjectionConfig(**options), lambda: Projection(6, 4, **options)):
+        with pytest.raises(InputError) as caught:
+            make()
+        assert str(caught.value) == message
 

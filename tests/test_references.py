@@ -1,6 +1,7 @@
 import pytest
 
 from xbt import ModelReferenceError, parse_reference
+from xbt.references import BACKENDS
 
 
 @pytest.mark.parametrize("text, backend, kind, name, pretrained", [
@@ -48,3 +49,12 @@ def test_a_file_is_not_a_model_folder(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(ModelReferenceError, match="is a file"):
         parse_reference(f"hf:{path}")
+
+
+@pytest.mark.parametrize("text", ["clip:foo", "siglip:/models/x", "ViT-B-32/openai"])
+def test_an_unknown_prefix_is_refused_listing_every_known_prefix_and_form(text):
+    with pytest.raises(ModelReferenceError, match="known backend") as caught:
+        parse_reference(text)
+    message = str(caught.value)
+    assert all(f"{prefix}:" in message for prefix in BACKENDS)
+    assert all(repr(form) in message for forms in BACKENDS.values() for form in forms)

@@ -12,11 +12,22 @@ from xbt.retrieval import (
     SearchConfig,
     backfill_curve,
     evaluate_cell,
+    MISS,
+    first_hit_rank,
     load_embeddings,
     recall_at_k,
-    score_against_reference,
     search,
 )
+from xbt.evaluation.plan import BASELINE_ROLE, COMPATIBILITY, LOWER_BOUND, REINDEXED, UPPER_BOUND, score_cells
+from xbt.errors import FingerprintMismatchError
+from xbt.spaces import check_same_space
+
+# Ids are strings end to end: the same sets keyed by integers, UUID-like keys and file names.
+ID_STYLES = {
+    "integers": lambda n: np.arange(n),
+    "uuids": lambda n: np.array([f"{i * 7919 % 65536:08x}-3f2a-4c1b-9d7e-{i:012x}" for i in range(n)]),
+    "file names": lambda n: np.array([f"img_{n - i:04d}.png" for i in range(n)]),  # sorted against row order
+}
 
 
 def _tied_vectors(rng, count: int, dim: int = 16) -> np.ndarray:
@@ -36,21 +47,24 @@ def _brute_force_recall(queries: Labeled, gallery: Labeled, ks) -> dict[int, flo
     return {k: 100.0 * hits[k] / len(queries) for k in ks}
 
 
-def _captioned_set(rng, images: int = 40):
-    """Image vectors, 1-4 caption vectors per image, some captions duplicated across images."""
+def _captioned_set(rng, images: int = 40, ids=ID_STYLES["integers"]):
+    """Image vectors, 1-4 caption vectors per image, some captions duplicated across images; ``ids(n)`` keys them."""
     image_vectors = _tied_vectors(rng, images)
     owners = np.repeat(np.arange(images), rng.integers(1, 5, images))
     flips = np.where(rng.random((len(owners), 16)) < 0.3, -1, 1).astype(np.float32)
     captions = image_vectors[owners] * flips  # noisy copies of their image: still exact ±1/4 entries
     duplicates = rng.choice(len(owners), 15, replace=False)
     captions[duplicates[5:]] = captions[duplicates[:5]].repeat(2, axis=0)  # identical caption vectors
-    return Labeled(image_vectors, np.arange(images)), Labeled(captions, owners)
+    keys = ids(images)
+    return Labeled(image_vectors, keys), Labeled(captions, keys[owners])
 
 
+@pytest.mark.parametrize("ids", sorted(ID_STYLES))
 @pytest.mark.parametrize("shard_rows,query_batch", [(None, 8192), (7, 40), (64, 3)])
-def test_recall_matches_brute_force_with_ties_several_captions_and_large_k(shard_rows, query_batch):
+def test_recall_matches_brute_force_with_ties_several_captions_and_large_k(shard_rows, query_batch, ids):
     rng = np.random.default_rng(0)
-    images, captions = _captioned_set(rng)
+    images, captions = _captioned_set(rng, ids=ID_STYLES[ids])
+    assert images.labels.dtype.kind == "U"  # whatever the ids were, labels are strings
     ks = (1, 5, 10, 200)  # 200 > both galleries
     config = SearchConfig(shard_rows=shard_rows, query_batch=query_batch)
     for queries, gallery in ((captions, images), (images, captions)):  # text→image, image→text
@@ -60,6 +74,18 @@ def test_recall_matches_brute_force_with_ties_several_captions_and_large_k(shard
     # Ties decide the outcome here: many equal scores, and the lower row wins.
     scores = captions.vectors @ images.vectors.T
     assert (np.sort(scores, 1)[:, -1] == np.sort(scores, 1)[:, -2]).mean() > 0.2
+
+
+def test_missing_results_are_never_hits_whatever_the_ids():
+    """An approximate index returns fewer than k rows (row −1); no id, not even "-1", matches a missing row."""
+    rng = np.random.default_rng(8)
+    gallery = Labeled(rng.normal(size=(200, 8)).astype(np.float32), np.array(["-1", *map(str, range(199))]))
+    queries = Labeled(rng.normal(size=(50, 8)).astype(np.float32), np.full(50, "-1"))
+    result = search(queries.vectors, gallery.vectors, 60, SearchConfig("IVF20,Flat", "nprobe=1"))
+    assert (result.rows < 0).any()
+    expected = [next((rank for rank, row in enumerate(rows) if row >= 0 and gallery.labels[row] == "-1"), MISS)
+                for rows in result.rows]
+    assert first_hit_rank(result, queries.labels, gallery.labels).tolist() == expected
 
 
 def test_ties_go_to_the_lower_gallery_row():
@@ -155,8 +181,14 @@ def test_stored_embeddings_in_every_format_give_the_same_gallery(tmp_path):
     for loaded in (load_embeddings(tmp_path / "g.npy", tmp_path / "ids.txt"),
                    load_embeddings(tmp_path / "g.safetensors"), load_embeddings(tmp_path / "g.faiss")):
         assert np.array_equal(np.asarray(loaded.vectors), vectors)
-        assert np.array_equal(loaded.labels, ids)
-    assert np.array_equal(load_embeddings(tmp_path / "g.npy").labels, np.arange(30))
+        assert loaded.labels.tolist() == [str(i) for i in ids]
+    assert load_embeddings(tmp_path / "g.npy").labels.tolist() == [str(i) for i in range(30)]
+    for style in ("uuids", "file names"):  # any string ids, from a text file or a .npy of strings
+        keys = ID_STYLES[style](30)
+        (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n")
+        np.save(tmp_path / "keys.npy", keys)
+        for ids_file in ("keys.txt", "keys.npy"):
+            assert load_embeddings(tmp_path / "g.faiss", tmp_path / ids_file).labels.tolist() == keys.tolist()
     (tmp_path / "short.txt").write_text("1\n2\n")
     with pytest.raises(InputError, match="one id per vector"):
         load_embeddings(tmp_path / "g.npy", tmp_path / "short.txt")
@@ -165,6 +197,24 @@ def test_stored_embeddings_in_every_format_give_the_same_gallery(tmp_path):
     save_file({"vectors": vectors}, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(InputError, match="'embeddings'"):
         load_embeddings(tmp_path / "wrong.safetensors")
+
+
+def test_a_stored_gallery_records_its_space_and_is_validated_once(tmp_path):
+    rng = np.random.default_rng(6)
+    vectors = rng.normal(size=(12, 8)).astype(np.float32)
+    save_file({"embeddings": vectors}, str(tmp_path / "g.safetensors"), metadata={"space_id": "open_clip-aaaa"})
+    stored = load_embeddings(tmp_path / "g.safetensors")
+    assert stored.space_id == "open_clip-aaaa"
+    np.save(tmp_path / "g.npy", vectors)
+    assert load_embeddings(tmp_path / "g.npy").space_id is None  # not recorded: nothing to compare
+    with pytest.raises(FingerprintMismatchError, match="open_clip-aaaa.*open_clip-bbbb|open_clip-bbbb.*open_clip-aaaa"):
+        check_same_space("open_clip-bbbb", stored.space_id, "The stored gallery")
+    # Validated on loading: a later check of the same object does not read the vectors again.
+    stored.vectors = np.full_like(vectors, np.nan)  # what a second full pass would now refuse
+    stored.check("again")
+    fresh = Labeled(np.full_like(vectors, np.nan), stored.labels)
+    with pytest.raises(InputError, match="NaN"):
+        fresh.check("fresh")
 
 
 def test_backfill_curve_runs_from_old_to_fully_reembedded():
@@ -191,19 +241,23 @@ def test_backfill_curve_runs_from_old_to_fully_reembedded():
         backfill_curve(queries, old, new, fractions=(1.5,))
 
 
-def test_compatibility_and_gap_recovered_come_from_the_reference_cells():
-    def cell(name, r1, direction="text→image"):
+def test_compatibility_and_gap_recovered_come_from_the_roles_of_the_cells():
+    """Scores read roles and space ids, never names: the bound cells here are called v1 and v2."""
+    def cell(name, role, r1, direction="text→image", space="s1"):
         query, gallery = name.split("→")
-        return CellResult(direction, query, gallery, {1: r1})
+        return CellResult(direction, query, gallery, {1: r1}, role=role, query_space_id=space, gallery_space_id=space)
 
-    cells = [cell("old→old", 20.0), cell("new→new", 40.0), cell("xbt→old", 30.0), cell("psi→old", 15.0),
-             cell("xbt→xbt", 35.0), cell("old→old", 10.0, "image→text"), cell("xbt→old", 12.0, "image→text")]
-    score_against_reference(cells)
+    cells = [cell("v1→v1", LOWER_BOUND, 20.0), cell("v2→v2", UPPER_BOUND, 40.0, space="s2"),
+             cell("v3→v1", COMPATIBILITY, 30.0), cell("psi→v1", BASELINE_ROLE, 15.0), cell("v3→v3", REINDEXED, 35.0),
+             cell("v1→v1", LOWER_BOUND, 10.0, "image→text"), cell("v3→v1", COMPATIBILITY, 12.0, "image→text"),
+             cell("w→w2", COMPATIBILITY, 50.0, space="elsewhere")]
+    score_cells(cells)
     by = {(c.direction, c.name): c for c in cells}
-    assert by[("text→image", "xbt→old")].compatible == {1: True}
-    assert by[("text→image", "xbt→old")].gap_recovered == {1: pytest.approx(0.5)}
-    assert by[("text→image", "psi→old")].compatible == {1: False}
-    assert by[("text→image", "psi→old")].gap_recovered == {1: pytest.approx(-0.25)}
-    assert by[("text→image", "xbt→xbt")].compatible is None  # not against the old gallery
-    assert by[("image→text", "xbt→old")].gap_recovered == {1: None}  # no new→new in that direction
-    assert by[("image→text", "xbt→old")].compatible == {1: True}
+    assert by[("text→image", "v3→v1")].compatible == {1: True}
+    assert by[("text→image", "v3→v1")].gap_recovered == {1: pytest.approx(0.5)}
+    assert by[("text→image", "psi→v1")].compatible == {1: False}
+    assert by[("text→image", "psi→v1")].gap_recovered == {1: pytest.approx(-0.25)}
+    assert by[("text→image", "v3→v3")].compatible is None  # reindexed: not scored
+    assert by[("text→image", "w→w2")].compatible is None  # another gallery space than the lower bound's
+    assert by[("image→text", "v3→v1")].gap_recovered == {1: None}  # no upper bound in that direction
+    assert by[("image→text", "v3→v1")].compatible == {1: True}

@@ -12,17 +12,19 @@ of them use this module the same way:
     cache["old"][[3, 1, 2]]                       # np.ndarray rows, read from a memory map
     cache.tensor("new", indices)                  # float32 torch tensor of those rows
     cache.subset("old", train_indices)            # lazy view of some rows (len, shape, [slice|array])
-    cache.fingerprints                            # {"old": "<model fp>:text", ...}
+    cache.fingerprints                            # {"old": "<model id>:text", ...}
+    cache.space_ids                               # {"old": "<old space id>", "new": "<new space id>"}
 
     EmbeddingCache.open(path, sources=..., items_fingerprint=...)   # refuses a mismatch
 
-An :class:`EmbeddingSource` is a name, a fingerprint, a dimension and an ``encode``
-function (a batch of items -> ``(n, dim)`` tensor). :func:`text_source` and
-:func:`image_source` wrap a :class:`~xbt.backbones.DualEncoder`; anything else (e.g. a
-stored gallery) can be a source too.
+An :class:`EmbeddingSource` is a name, a fingerprint, a dimension, the space id its
+vectors live in and an ``encode`` function (a batch of items -> ``(n, dim)`` tensor).
+:func:`text_source` and :func:`image_source` wrap any :class:`~xbt.spaces.Encoder` (a
+backbone, an ``XBTModel``); anything else (e.g. a stored gallery) can be a source too.
+The manifest records every source's space id, so a cache says which space it holds.
 
 Keying: a cache lives in ``ROOT/<key>/`` where the key hashes every source's name,
-fingerprint and dim, the fingerprint of the items (for texts: a hash of the texts,
+fingerprint, dim and space id, the fingerprint of the items (for texts: a hash of the texts,
 see :func:`xbt.data.captions.texts_fingerprint`; other items must pass their own) and
 the storage dtype. A changed model, corpus or dtype gives another key, so a stale
 cache is never silently reused; :meth:`EmbeddingCache.open` on an explicit path
@@ -53,7 +55,6 @@ import hashlib
 import json
 import logging
 import mmap
-import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -68,6 +69,8 @@ from safetensors.numpy import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from .errors import FingerprintMismatchError, InputError
+from .io import atomic_write_bytes, atomic_write_json
+from .spaces import check_same_space
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +104,21 @@ class EmbeddingSource:
     fingerprint: str
     dim: int
     encode: Callable[[Sequence[Any]], torch.Tensor] = field(compare=False, repr=False)
+    space_id: str | None = None  # the space the vectors live in (None: not recorded)
 
 
 def text_source(name: str, encoder, batch_size: int = 256) -> EmbeddingSource:
-    """Normalised text embeddings of a :class:`~xbt.backbones.DualEncoder`."""
-    return EmbeddingSource(name, f"{encoder.fingerprint}:text", encoder.embed_dim,
-                           lambda texts: encoder.encode_text(texts, batch_size=batch_size, progress=False))
+    """Normalised text embeddings of an :class:`~xbt.spaces.Encoder`, keyed by its model id and space id."""
+    return EmbeddingSource(name, f"{encoder.model_id}:text", encoder.dim,
+                           lambda texts: encoder.encode_text(texts, batch_size=batch_size, progress=False),
+                           encoder.space_id)
 
 
 def image_source(name: str, encoder, batch_size: int = 128) -> EmbeddingSource:
-    """Normalised image embeddings (items: PIL images or paths) of a :class:`~xbt.backbones.DualEncoder`."""
-    return EmbeddingSource(name, f"{encoder.fingerprint}:image", encoder.embed_dim,
-                           lambda images: encoder.encode_image(images, batch_size=batch_size, progress=False))
+    """Normalised image embeddings (items: PIL images or paths) of an :class:`~xbt.spaces.Encoder`."""
+    return EmbeddingSource(name, f"{encoder.model_id}:image", encoder.dim,
+                           lambda images: encoder.encode_image(images, batch_size=batch_size, progress=False),
+                           encoder.space_id)
 
 
 class ProcessGroup(Protocol):
@@ -135,7 +141,7 @@ class _SingleProcess:
 def cache_key(sources: Iterable[EmbeddingSource], items_fingerprint: str, dtype: str) -> str:
     """Directory name of the cache of these sources over these items in this dtype."""
     identity = {"version": FORMAT_VERSION, "items": items_fingerprint, "dtype": dtype,
-                "sources": sorted([s.name, s.fingerprint, int(s.dim)] for s in sources)}
+                "sources": sorted([s.name, s.fingerprint, int(s.dim), s.space_id or ""] for s in sources)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -258,6 +264,10 @@ class EmbeddingCache:
                 raise FingerprintMismatchError(
                     f"Cache {cache.path} holds {name!r} embeddings from model {recorded}, not {fingerprint}: the "
                     f"model changed since it was built. Build a new cache for this model.")
+        for source in sources if sources is not None and not isinstance(sources, Mapping) else ():
+            check_same_space(source.space_id, cache.space_ids.get(source.name),
+                             f"Cached {source.name!r} embeddings in {cache.path}",
+                             "Build a new cache for the model of this space.")
         if items_fingerprint is not None and items_fingerprint != cache.items_fingerprint:
             raise FingerprintMismatchError(
                 f"Cache {cache.path} was built over items {cache.items_fingerprint}, not {items_fingerprint}: the "
@@ -286,6 +296,11 @@ class EmbeddingCache:
     @property
     def fingerprints(self) -> dict[str, str]:
         return {name: info["fingerprint"] for name, info in self.manifest["sources"].items()}
+
+    @property
+    def space_ids(self) -> dict[str, str | None]:
+        """The space each source's vectors live in, as recorded when the cache was built."""
+        return {name: info.get("space_id") for name, info in self.manifest["sources"].items()}
 
     @property
     def items_fingerprint(self) -> str:
@@ -325,15 +340,6 @@ class EmbeddingCache:
 # ----------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -400,7 +406,8 @@ def build_cache(
 
     plan = {"version": FORMAT_VERSION, "key": key, "count": len(items), "items_fingerprint": items_fingerprint,
             "dtype": dtype, "shard_size": shard_size,
-            "sources": {s.name: {"fingerprint": s.fingerprint, "dim": int(s.dim)} for s in sources}}
+            "sources": {s.name: {"fingerprint": s.fingerprint, "dim": int(s.dim), "space_id": s.space_id}
+                        for s in sources}}
     if process.is_main_process:
         path.mkdir(parents=True, exist_ok=True)
         if (path / PLAN).is_file():
@@ -410,7 +417,7 @@ def build_cache(
                                path, previous.get("shard_size"), shard_size)
             plan["shard_size"] = previous.get("shard_size", shard_size)
         else:
-            _atomic_write(path / PLAN, json.dumps(plan, indent=2).encode())
+            atomic_write_json(path / PLAN, plan)
     process.wait_for_everyone()
     shard_size = json.loads((path / PLAN).read_text())["shard_size"]
 
@@ -426,7 +433,7 @@ def build_cache(
             start, stop = bounds[index]
             arrays = _encode_shard(sources, items[start:stop], DTYPES[dtype])
             shard_metadata = {"key": key, "start": str(start), "stop": str(stop)}
-            _atomic_write(path / _shard_name(index), safetensors_bytes(arrays, metadata=shard_metadata))
+            atomic_write_bytes(path / _shard_name(index), safetensors_bytes(arrays, metadata=shard_metadata))
             encoded += stop - start
             bar.update(stop - start)
     if encoded:
@@ -442,8 +449,8 @@ def build_cache(
         manifest = {**plan, "shard_size": shard_size, "metadata": dict(metadata or {}),
                     "shards": [{"file": _shard_name(i), "start": start, "stop": stop}
                                for i, (start, stop) in enumerate(bounds)]}
-        _atomic_write(path / MANIFEST, json.dumps(manifest, indent=2).encode())
-        for leftover in path.glob("*.tmp"):
+        atomic_write_json(path / MANIFEST, manifest)
+        for leftover in path.glob("*.tmp"):  # xbt.io's temporaries (".NAME.tmp") of a killed write
             leftover.unlink()
         logger.info("Embedding cache complete: %s (%d items, %s)", path, len(items), dtype)
     process.wait_for_everyone()

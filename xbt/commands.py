@@ -20,6 +20,7 @@ def info(argv: Sequence[str]) -> int:
     print(json.dumps({
         "reference": str(encoder.reference),
         "backend": encoder.backend,
+        "family": encoder.family,
         "embed_dim": encoder.embed_dim,
         "image_size": encoder.image_size,
         "parameters": sum(p.numel() for p in encoder.model.parameters()),

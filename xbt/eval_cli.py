@@ -2,157 +2,234 @@
 
 Examples::
 
-    # generated or real evaluation set (image folder + metadata.jsonl), adapter and a baseline
-    xbt eval --old open_clip:ViT-B-32/openai --new hf:/models/new --adapter runs/adapter \\
-             --projection procrustes=runs/procrustes --eval-set data/eval --output runs/eval
+    # an evaluation set (image folder + metadata.jsonl, parquet, save_to_disk, Hub), an adapter, two baselines
+    xbt eval --old_model open_clip:ViT-B-32/openai --new_model hf:/models/new --adapter runs/adapter \\
+             --baselines procrustes=runs/stage1/baselines/procrustes ridge=runs/stage1/baselines/ridge \\
+             --eval_set data/eval --output_dir runs/eval
 
-    # the production gallery as it is stored (ids = the evaluation set's image ids), approximate search
-    xbt eval --old ... --new ... --adapter ... --eval-set data/eval \\
-             --gallery old=prod/gallery.faiss --index-factory IVF4096,Flat --search-parameters nprobe=32 ...
+    # the production gallery as it is stored (ids = the evaluation set's image ids: file names, UUIDs, ...)
+    xbt eval --old_model ... --new_model ... --adapter ... --eval_set data/eval \\
+             --galleries old=prod/gallery.faiss --gallery_ids prod/ids.txt \\
+             --index_factory IVF4096,Flat --search_parameters nprobe=32 --output_dir runs/eval
 
     # stored embeddings only: queries embedded elsewhere, ids = the relevant gallery ids
-    xbt eval --gallery old=old_gallery.npy --gallery-ids ids.npy \\
-             --queries old=old_queries.npy --queries xbt=xbt_queries.npy --query-ids query_ids.npy --output out
+    xbt eval --galleries old=old_gallery.npy --gallery_ids ids.txt \\
+             --queries old=old_queries.npy xbt=xbt_queries.npy --query_ids query_ids.txt --output_dir out
+
+Spaces this command defines (the names stored files refer to): ``old`` (the old model: its
+gallery is the lower bound and the one adapters write into), ``new`` (the new model in its own
+space: the upper bound), ``xbt`` (the adapter), ``xbt+old`` (adapter text queries blended with the
+old model's), ``old-denoised`` (one mean old caption query per image) and every baseline by its
+name. Which cells are evaluated follows from the spaces' ids (see :mod:`xbt.evaluation.plan`).
+
+This module imports no torch, faiss or model code at import time (``xbt eval --help`` stays fast).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import parse_configs
 from .errors import InputError
-from .evaluation import BlendedText, EvalConfig, NativeSpace, Space, evaluate, load_eval_set
-from .retrieval import DEFAULT_KS, EXACT, SearchConfig, load_embeddings
+from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, MODALITIES, NEW_MODEL, OLD_MODEL
 
-RESERVED = ("old", "new", "xbt", "xbt+old", "old-denoised")
+OLD, NEW, XBT, BLEND, DENOISED_NAME = "old", "new", "xbt", "xbt+old", "old-denoised"
+RESERVED = (OLD, NEW, XBT, BLEND, DENOISED_NAME)
+STORED_KINDS = {OLD: OLD_MODEL, NEW: NEW_MODEL}  # any other stored name: an adapter writing into the old space
 
 
-def _named(values: Sequence[str], flag: str) -> dict[str, str]:
-    named = {}
+@dataclass
+class EvalArguments:
+    """Options of ``xbt eval`` (``--config FILE.yaml`` gives any of them; flags override the file)."""
+
+    output_dir: str = field(metadata={"help": "folder for metrics.json, report.md and the PNG plots"})
+    old_model: str | None = field(default=None, metadata={
+        "help": "old model reference (its space holds the gallery), e.g. open_clip:ViT-B-32/openai"})
+    new_model: str | None = field(default=None, metadata={
+        "help": "new model reference (evaluated in its own space: the upper bound)"})
+    adapter: str | None = field(default=None, metadata={
+        "help": "xbt adapter folder or Hub id: adds the spaces xbt (the adapter) and xbt+old (blended queries)"})
+    baselines: list[str] = field(default_factory=list, metadata={
+        "help": "baseline projections as NAME=DIR (saved Projection folders: Procrustes, ridge, the stage-1 ψ), "
+                "space-separated after one --baselines; each is applied to the new model's vectors"})
+    blend_alpha: float = field(default=0.5, metadata={"help": "weight of the old text encoder in xbt+old, in [0, 1]"})
+    eval_set: str | None = field(default=None, metadata={
+        "help": "image-text pairs: image folder with metadata.jsonl/.csv, parquet, save_to_disk folder or Hub "
+                "dataset (the training loaders' sources)"})
+    id_column: str | None = field(default=None, metadata={
+        "help": "column of the evaluation set holding the image ids that a stored gallery's ids refer to "
+                "(any strings); default: the image file names (folders) or row numbers (tables)"})
+    split: str = field(default="test", metadata={"help": "split of a Hub or save_to_disk evaluation set"})
+    galleries: list[str] = field(default_factory=list, metadata={
+        "help": "stored galleries as SPACE=FILE (.npy, .safetensors, .faiss/.index), e.g. old=prod/gallery.faiss; "
+                "space-separated after one --galleries"})
+    gallery_ids: str | None = field(default=None, metadata={
+        "help": "ids of the stored galleries' rows: a text file with one id per line (file names, UUIDs, "
+                "integers) or a 1-D .npy; default: ids stored in the file, else row numbers"})
+    gallery_modality: str = field(default="image", metadata={
+        "help": "what stored galleries hold: image or text; stored queries are the other modality"})
+    queries: list[str] = field(default_factory=list, metadata={
+        "help": "stored query embeddings as SPACE=FILE, ids = their relevant gallery ids; space-separated"})
+    query_ids: str | None = field(default=None, metadata={
+        "help": "ids of the stored query rows (a text file, one per line, or a 1-D .npy)"})
+    index_factory: str = field(default=EXACT, metadata={
+        "help": "faiss index factory, e.g. IVF1024,Flat or HNSW32 (approximate ones are reported next to exact)"})
+    search_parameters: str | None = field(default=None, metadata={
+        "help": "faiss search parameters, e.g. nprobe=32 or efSearch=128"})
+    shard_rows: int | None = field(default=None, metadata={"help": "gallery rows per search shard (default: 1 GiB)"})
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS), metadata={"help": "K of Recall@K, space-separated"})
+    seed: int = field(default=0, metadata={"help": "picks the re-embedded items of the backfill curve"})
+    device: str = field(default="cpu", metadata={"help": "device the models encode on, e.g. cpu or cuda"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "root of the embedding cache the evaluation vectors go through (default: OUTPUT_DIR/cache)"})
+
+    def __post_init__(self) -> None:
+        if any(k < 1 for k in self.ks) or not self.ks:
+            raise InputError(f"--ks must be positive integers, got {self.ks}.")
+        if self.gallery_modality not in MODALITIES:
+            raise InputError(f"--gallery_modality must be one of {MODALITIES}, got {self.gallery_modality!r}.")
+        if not 0.0 <= self.blend_alpha <= 1.0:
+            raise InputError(f"--blend_alpha must lie in [0, 1], got {self.blend_alpha}.")
+        if self.shard_rows is not None and self.shard_rows < 1:
+            raise InputError(f"--shard_rows must be at least 1, got {self.shard_rows}.")
+        for name in named(self.baselines, "--baselines"):
+            if name in RESERVED:
+                raise InputError(f"--baselines name {name!r} is the name of a space of xbt eval "
+                                 f"({', '.join(RESERVED)}); pick another, e.g. 'procrustes'.")
+        named(self.galleries, "--galleries")
+        named(self.queries, "--queries")
+        if self.eval_set is None and not (self.galleries and self.queries):
+            raise InputError("Give --eval_set (with --old_model and --new_model), or stored --galleries and "
+                             "--queries embeddings.")
+        if self.eval_set is not None and not (self.old_model and self.new_model):
+            raise InputError(f"--eval_set {self.eval_set!r} needs both --old_model and --new_model references.")
+        if (self.adapter or self.baselines) and self.eval_set is None:
+            raise InputError("--adapter and --baselines encode the evaluation set: give --eval_set too.")
+
+
+def named(values: Sequence[str], flag: str) -> dict[str, str]:
+    """``NAME=PATH`` values as a mapping; :class:`InputError` naming ``flag`` for a malformed or repeated name."""
+    result = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise InputError(f"{flag} expects NAME=PATH, got {value!r}.")
-        if name in named:
+            raise InputError(f"{flag} expects NAME=PATH values, got {value!r}.")
+        if name in result:
             raise InputError(f"{flag} names {name!r} twice.")
-        named[name] = path
-    return named
+        result[name] = path
+    return result
 
 
-def model_spaces(old: str, new: str, adapter: str | None, blend_alpha: float, device: str) -> list[Space]:
-    """Spaces for the old and new backbones and, with an adapter (folder or Hub id), ``xbt`` and ``xbt+old``."""
+def model_spaces(args: EvalArguments) -> list:
+    """The spaces of the models: old, new (native), the adapter and its blend, the baselines, old-denoised."""
     from .backbones import load_backbone
+    from .evaluation.encode import (
+        adapter_space,
+        blended_space,
+        denoised_space,
+        encoder_space,
+        native_space,
+        projected_space,
+    )
+    from .spaces import check_same_space
 
-    encoders = {name: load_backbone(reference, device=device) for name, reference in (("old", old), ("new", new))}
-    spaces = {name: Space(name, encoder, encoder.fingerprint,
-                          info={"reference": str(encoder.reference), "embed_dim": encoder.embed_dim})
-              for name, encoder in encoders.items()}
-    if adapter is not None:
+    old_encoder = load_backbone(args.old_model, device=args.device)
+    new_encoder = load_backbone(args.new_model, device=args.device)
+    old = encoder_space(OLD, OLD_MODEL, old_encoder, {"reference": str(old_encoder.reference)})
+    spaces = [old]
+    adapter = None
+    if args.adapter is not None:
         from .model import XBTModel
 
-        model = XBTModel.from_pretrained(adapter, backbone=encoders["new"], device=device)
+        model = XBTModel.from_pretrained(args.adapter, backbone=new_encoder, device=args.device)
+        check_same_space(old.space_id, model.space_id, f"The adapter {args.adapter!r} (--adapter)",
+                         f"Pass the --old_model it was trained against.")
         # LoRA now sits in the new backbone; its native space is the same model with the adapters off.
-        spaces["new"] = Space("new", NativeSpace(model), encoders["new"].fingerprint, info=spaces["new"].info)
-        model.use_old_encoder(encoders["old"])  # refuses an old model ψ was not made for
-        info = {"adapter": str(adapter), "fingerprint_of": "new backbone + ψ + LoRA weights"}
-        spaces["xbt"] = Space("xbt", model, model.fingerprint, info=info)
-        spaces["xbt+old"] = Space("xbt+old", BlendedText("xbt", "old", blend_alpha),
-                                  f"{model.fingerprint}+old@{blend_alpha}", ("text",),
-                                  info={**info, "blend_alpha": blend_alpha})
-    return list(spaces.values())
+        new = native_space(NEW, model, {"reference": str(new_encoder.reference)})
+        adapter = adapter_space(XBT, model, {"adapter": str(args.adapter)})
+    else:
+        new = encoder_space(NEW, NEW_MODEL, new_encoder, {"reference": str(new_encoder.reference)})
+    spaces.append(new)
+    if adapter is not None:
+        spaces += [adapter, blended_space(BLEND, adapter, old, args.blend_alpha)]
+    spaces += [projected_space(name, projection, new, old.space_id, {"projection": folder})
+               for name, (folder, projection) in load_baselines(args.baselines, new, old).items()]
+    spaces.append(denoised_space(DENOISED_NAME, old))
+    return spaces
 
 
-def load_projections(named: dict[str, str], spaces: list[Space]) -> dict:
-    """Baseline projections (saved :class:`~xbt.projection.Projection` folders), checked against the models."""
-    if not named:
-        return {}
+def load_baselines(values: Sequence[str], new, old) -> dict:
+    """``{name: (folder, Projection)}`` of ``--baselines``, each checked to map ``new``'s space into ``old``'s."""
     from .projection import Projection
 
-    fingerprints = {space.name: space.fingerprint for space in spaces}
     projections = {}
-    for name, folder in named.items():
-        if name in RESERVED:
-            raise InputError(f"--projection name {name!r} is reserved for a space; pick another (e.g. 'procrustes').")
+    for name, folder in named(values, "--baselines").items():
         if not Path(folder).is_dir():
-            raise InputError(f"Projection folder {folder!r} (for {name!r}) does not exist.")
+            raise InputError(f"--baselines: projection folder {folder!r} (for {name!r}) does not exist.")
         projection = Projection.from_pretrained(folder).eval()
-        projection.check_spaces(source=fingerprints.get("new"), target=fingerprints.get("old"))
-        projections[name] = projection
+        projection.check_spaces(source=new.space_id, target=old.space_id)
+        projections[name] = (folder, projection)
     return projections
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xbt eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    models = p.add_argument_group("models and evaluation set")
-    models.add_argument("--old", help="old model reference (its space holds the gallery)")
-    models.add_argument("--new", help="new model reference (native new space)")
-    models.add_argument("--adapter", help="xbt adapter folder (or Hub snapshot) for the xbt and xbt+old spaces")
-    models.add_argument("--projection", action="append", default=[], metavar="NAME=DIR",
-                        help="a baseline projection folder (Procrustes, least squares, stage-1 ψ); repeatable")
-    models.add_argument("--blend-alpha", type=float, default=0.5, help="weight of the old text encoder in xbt+old")
-    models.add_argument("--eval-set", help="image-text pairs: image folder with metadata.jsonl/.csv, parquet, "
-                                           "save_to_disk folder or Hub dataset (the training loaders' sources)")
-    models.add_argument("--id-column", help="integer image ids of the evaluation set (to line up with a stored "
-                                            "gallery's ids); default: positions")
-    models.add_argument("--split", default="test", help="split of a Hub or save_to_disk evaluation set")
-    stored = p.add_argument_group("stored embeddings (.npy, .safetensors, faiss index)")
-    stored.add_argument("--gallery", action="append", default=[], metavar="SPACE=FILE",
-                        help="an existing gallery of that space (e.g. old=prod.faiss); repeatable")
-    stored.add_argument("--gallery-ids", help="ids of the stored galleries' rows (.npy or one integer per line)")
-    stored.add_argument("--gallery-modality", choices=("image", "text"), default="image",
-                        help="what stored galleries hold; stored queries are the other modality")
-    stored.add_argument("--queries", action="append", default=[], metavar="NAME=FILE",
-                        help="stored query embeddings, ids = their relevant gallery ids; repeatable")
-    stored.add_argument("--query-ids", help="ids for the stored query rows (.npy or one integer per line)")
-    search = p.add_argument_group("search and metrics")
-    search.add_argument("--index-factory", default=EXACT, help="faiss index factory, e.g. IVF1024,Flat or HNSW32")
-    search.add_argument("--search-parameters", help="faiss parameters, e.g. nprobe=32 or efSearch=128")
-    search.add_argument("--shard-rows", type=int, help="gallery rows per search shard (default: 1 GiB)")
-    search.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
-    search.add_argument("--seed", type=int, default=0, help="picks the re-embedded items of the backfill curve")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--cache-dir", help="embedding cache (default OUTPUT/cache)")
-    p.add_argument("--output", required=True, help="folder for metrics.json, report.md and the plots")
-    return p
+def stored_spaces(galleries: dict, queries: dict) -> list:
+    """Spaces known only from stored files: ``old`` and ``new`` as such, any other name an adapter writing into
+    the old space. A file's recorded space id wins; unrecorded ones get a placeholder id per space."""
+    from .evaluation.encode import stored_space
+
+    names = list(dict.fromkeys([*galleries, *queries]))
+    recorded = {name: next((v.space_id for v in (galleries.get(name), queries.get(name)) if v is not None
+                            and v.space_id), None) for name in names}
+    old_space = recorded.get(OLD) or f"stored:{OLD}"
+    spaces = []
+    for name in names:
+        kind = STORED_KINDS.get(name, ADAPTER)
+        space_id = recorded[name] or (old_space if kind in (OLD_MODEL, ADAPTER) else f"stored:{name}")
+        spaces.append(stored_space(name, kind, space_id, (galleries.get(name) or queries.get(name)).dim))
+    return spaces
 
 
-def _check_options(options: argparse.Namespace) -> None:
-    if options.eval_set is None and not (options.gallery and options.queries):
-        raise InputError("Give --eval-set (with --old and --new), or stored --gallery and --queries embeddings.")
-    if options.eval_set is not None and not (options.old and options.new):
-        raise InputError("--eval-set needs both --old and --new model references.")
-    if (options.adapter or options.projection) and options.eval_set is None:
-        raise InputError("--adapter and --projection encode the evaluation set: give --eval-set too.")
-    if any(k < 1 for k in options.ks):
-        raise InputError(f"--ks must be positive, got {options.ks}.")
+LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks")
+
+
+def _check_list_flags_once(argv: Sequence[str]) -> None:
+    """A list option takes all its values after one flag; argparse would silently keep only the last repeat."""
+    for flag in LIST_FLAGS:
+        given = [arg for arg in argv if arg == flag or arg.startswith(f"{flag}=")]
+        if len(given) > 1:
+            raise InputError(f"{flag} is given {len(given)} times; give it once with all its values, "
+                             f"e.g. {flag} A=PATH B=PATH.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = parser().parse_args(argv)
-    _check_options(options)
-    # Everything cheap to check is read and checked before any model is loaded or anything encoded.
-    eval_set = load_eval_set(options.eval_set, options.id_column, options.split) if options.eval_set else None
-    galleries = {name: load_embeddings(path, options.gallery_ids)
-                 for name, path in _named(options.gallery, "--gallery").items()}
-    queries = {name: load_embeddings(path, options.query_ids)
-               for name, path in _named(options.queries, "--queries").items()}
-    projection_dirs = _named(options.projection, "--projection")
-    spaces = model_spaces(options.old, options.new, options.adapter, options.blend_alpha, options.device) \
-        if eval_set is not None else []
-    config = EvalConfig(ks=tuple(options.ks), seed=options.seed,
-                        search=SearchConfig(options.index_factory, options.search_parameters, options.shard_rows))
-    output = Path(options.output)
-    report = evaluate(eval_set, spaces, load_projections(projection_dirs, spaces), galleries, queries,
-                      options.gallery_modality, config, options.cache_dir or output / "cache")
-
+    argv = list(argv or [])
+    _check_list_flags_once(argv)
+    (args,) = parse_configs([EvalArguments], argv, prog="xbt eval", description=__doc__)
+    from .evaluation import EvalConfig, evaluate, load_eval_set
     from .report import write_report
+    from .retrieval import SearchConfig, load_embeddings
+
+    # Everything cheap to check is read and checked before any model is loaded or anything encoded.
+    eval_set = load_eval_set(args.eval_set, args.id_column, args.split) if args.eval_set else None
+    galleries = {name: load_embeddings(path, args.gallery_ids)
+                 for name, path in named(args.galleries, "--galleries").items()}
+    queries = {name: load_embeddings(path, args.query_ids) for name, path in named(args.queries, "--queries").items()}
+    spaces = model_spaces(args) if eval_set is not None else stored_spaces(galleries, queries)
+    config = EvalConfig(ks=tuple(args.ks), seed=args.seed,
+                        search=SearchConfig(args.index_factory, args.search_parameters, args.shard_rows))
+    output = Path(args.output_dir)
+    report = evaluate(eval_set, spaces, galleries, queries, args.gallery_modality, config,
+                      args.cache_dir or output / "cache")
 
     paths = write_report(report, output)
-    k = str(options.ks[0])
+    k = str(args.ks[0])
     for cell in report["cells"]:
-        compatible = "" if cell["compatible"] is None else ("  compatible" if cell["compatible"][k] else "  NOT compatible")
-        print(f"{cell['direction']:>11} {cell['name']:<24} R@{k} {cell['recall'][k]:5.1f}{compatible}")
+        compatible = "" if cell["compatible"] is None else (
+            "  compatible" if cell["compatible"][k] else "  NOT compatible")
+        print(f"{cell['direction']:>11} {cell['name']:<24} {cell['role']:<14} R@{k} {cell['recall'][k]:5.1f}"
+              f"{compatible}")
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

@@ -1,19 +1,22 @@
 """Publishing adapter directories to the Hugging Face Hub and fetching them back.
 
 An adapter directory is the same thing locally and on the Hub (see DESIGN.md):
-``xbt_config.json``, ``projection.safetensors``, the peft adapter files at the root,
-``README.md`` (the model card) and ``eval/``. Only JSON, safetensors, Markdown and
-PNG files travel in either direction: a pickle is neither uploaded nor downloaded.
+``xbt_config.json``, ``projection/`` (ψ as stage 1 saves it), the peft adapter files at
+the root, ``README.md`` (the model card) and ``eval/``. Only JSON, safetensors, Markdown
+and PNG files travel in either direction: a pickle is neither uploaded nor downloaded.
 
 Uploads use plain commits (``create_commit``), which any Hub-compatible endpoint
 (``HF_ENDPOINT``) accepts; downloads go through ``snapshot_download`` and therefore
 the standard cache, so ``HF_HUB_OFFLINE=1`` works once a revision has been fetched.
+
+This module imports nothing heavy at load time: ``xbt push --help`` starts without torch.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, ModelLoadError, XBTError
@@ -22,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "xbt_config.json"
 CARD_NAME = "README.md"
-SHIPPED_PATTERNS = ["*.json", "*.safetensors", "*.md", "eval/*.json", "eval/*.png", "eval/*.md"]
-_SHIPPED_SUFFIXES = {".json", ".safetensors", ".md", ".png"}
+_SHIPPED_SUFFIXES = (".json", ".safetensors", ".md", ".png")
+# Hub patterns match with fnmatch, whose "*" crosses "/": these cover projection/ and eval/ too.
+SHIPPED_PATTERNS = [f"*{suffix}" for suffix in _SHIPPED_SUFFIXES]
 
 
 def adapter_files(folder: str | Path) -> list[Path]:
@@ -50,7 +54,7 @@ def attach_evaluation(folder: str | Path, eval_dir: str | Path) -> list[Path]:
     """Copy an ``xbt eval`` output (metrics.json, report.md, plots) into ``folder/eval``; returns the copies."""
     source, target = Path(eval_dir), Path(folder) / "eval"
     if not (source / "metrics.json").is_file():
-        raise InputError(f"{str(source)!r} holds no metrics.json; pass the --output folder of `xbt eval`.")
+        raise InputError(f"{str(source)!r} holds no metrics.json; pass the --output_dir folder of `xbt eval`.")
     target.mkdir(exist_ok=True)
     copies = []
     for path in sorted(source.iterdir()):
@@ -101,32 +105,51 @@ def push_adapter(
     return info.oid
 
 
-def push_command(argv) -> int:
-    """``xbt push ADAPTER_DIR REPO_ID``: publish an adapter directory with its model card."""
-    import argparse
+@dataclass
+class PushConfig:
+    """Options of ``xbt push``."""
 
-    parser = argparse.ArgumentParser(prog="xbt push", description=push_command.__doc__)
-    parser.add_argument("adapter_dir", help="folder written by `xbt train` / XBTModel.save_pretrained")
-    parser.add_argument("repo_id", help="Hub repo, e.g. my-org/clip-upgrade-xbt")
-    parser.add_argument("--eval", dest="eval_dir", help="an `xbt eval --output` folder to publish with it")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--branch", help="push to this branch instead of main")
-    parser.add_argument("--message", default="Upload xbt adapter", help="commit message")
-    parser.add_argument("--keep-card", action="store_true", help="keep an existing README.md instead of rendering")
-    options = parser.parse_args(argv)
+    adapter_dir: str = field(metadata={"help": "adapter directory written by `xbt train` / XBTModel.save_pretrained"})
+    repo_id: str = field(metadata={"help": "Hub repo to commit to (created if needed), e.g. my-org/clip-upgrade-xbt"})
+    eval_dir: str | None = field(default=None, metadata={
+        "help": "an `xbt eval` output folder (with metrics.json) to publish with it under eval/"})
+    private: bool = field(default=False, metadata={"help": "create the repo as private"})
+    branch: str | None = field(default=None, metadata={"help": "push to this branch (created if needed), not main"})
+    commit_message: str = field(default="Upload xbt adapter", metadata={"help": "commit message"})
+    keep_card: bool = field(default=False, metadata={
+        "help": "keep the directory's README.md instead of rendering the model card again"})
+
+    def __post_init__(self):
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(self.repo_id)
+        except HFValidationError as error:
+            raise InputError(f"repo_id must be a Hub repo id (NAME or NAMESPACE/NAME), got {self.repo_id!r}: "
+                             f"{error}") from error
+
+
+def push_command(argv) -> int:
+    """Publish an adapter directory (with its model card and optionally an evaluation) to the Hugging Face Hub."""
+    from .config import parse_configs
+
+    (options,) = parse_configs([PushConfig], argv, prog="xbt push", description=push_command.__doc__)
     commit = push_adapter(options.adapter_dir, options.repo_id, eval_dir=options.eval_dir, private=options.private,
-                          branch=options.branch, commit_message=options.message, keep_card=options.keep_card)
+                          branch=options.branch, commit_message=options.commit_message, keep_card=options.keep_card)
     print(f"{options.repo_id}@{commit}")
     return 0
 
 
-def download_adapter(repo_id: str, revision: str | None = None, *, token: str | None = None,
-                     cache_dir: str | Path | None = None) -> Path:
+def download_adapter(repo_id: str, revision: str | None = None, *, token: str | bool | None = None,
+                     cache_dir: str | Path | None = None, force_download: bool = False,
+                     local_files_only: bool = False) -> Path:
     """Fetch an adapter repo (JSON, safetensors, Markdown, PNG only) into the Hub cache; returns its folder."""
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                      force_download=force_download, local_files_only=local_files_only,
                                       allow_patterns=SHIPPED_PATTERNS))
     except Exception as error:
         raise ModelLoadError(

@@ -1,22 +1,28 @@
 """XBTModel: the frozen new CLIP + LoRA adapters + ψ, emitting vectors in the OLD space.
 
-One object serves three uses:
+An ``XBTModel`` is an :class:`~xbt.spaces.Encoder`: its ``space_id`` is the space it
+writes into (the target: the old encoder's space at training time, which for a chained
+upgrade is the first model's), its ``model_id`` its own weights' identity. One object
+serves every use, chosen by ``space=`` (:data:`SPACES`):
 
-- ``encode_text`` / ``encode_image`` (default ``space="xbt"``): new model through its
-  adapters, then ψ -> normalised old-space vectors, searchable against the old gallery;
-- ``space="new"``: the new model's native embeddings (adapters switched off);
+- ``"target"`` (default): new model through its adapters, then ψ -> normalised
+  old-space vectors, searchable against the old gallery;
+- ``"source"``: the new model's native embeddings (adapters switched off);
+- ``"full"``: with a BT²/OCA ψ (``extra_dims`` > 0), the whole ``old_dim + extra_dims``
+  vector, in the adapter's own space :attr:`XBTModel.full_space_id`;
 - ``blend_old=α`` on text queries: mixed with the old text encoder's embedding of the
   same text (after Ricci et al.), the old text encoder loaded lazily on first use.
 
-LoRA is injected in place into the backbone's own module (peft ``inject_adapter_in_model``),
-so module names, and therefore the backbone fingerprint, stay those of the base model.
+All LoRA handling is in :mod:`xbt.lora`. Saving and loading go through huggingface_hub's
+``ModelHubMixin`` (``save_pretrained`` / ``from_pretrained``, a local folder or a Hub repo
+id at any revision, through the Hub cache). The adapter directory (a local folder is laid
+out exactly like a Hub repo)::
 
-On disk (a local folder is laid out exactly like a Hub repo)::
-
-    xbt_config.json             models (references, fingerprints, dims), ψ and LoRA configs, training summary
-    projection.safetensors      ψ weights
+    xbt_config.json             models (references, fingerprints, dims), space ids, LoRA config, training summary
+    projection/                 ψ exactly as stage 1 saves it (config.json + model.safetensors)
     adapter_config.json         peft LoRA config        } at the root: peft's offline loader
     adapter_model.safetensors   peft LoRA weights       } mishandles subfolders
+    README.md                   model card
 
 Only safetensors are read or written.
 """
@@ -24,52 +30,37 @@ Only safetensors are read or written.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from huggingface_hub import ModelHubMixin
 from torch import nn
 from torch.nn import functional as F
 
-from .backbones import LAYER_KINDS, TOWERS, DualEncoder, load_backbone
+from . import lora
+from .adapter_config import AdapterConfig
+from .backbones import DualEncoder, load_backbone
 from .errors import FingerprintMismatchError, InputError, ModelLoadError
 from .images import ImageLike
+from .io import atomic_write_json
 from .projection import Projection
+from .spaces import Encoder, check_same_space, full_space_id
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "xbt_config.json"
-PROJECTION_FILE = "projection.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."  # key prefix PeftModel.save_pretrained uses; kept for interoperability
-SPACES = ("xbt", "new")
+PROJECTION_DIR = "projection"
+TARGET, SOURCE, FULL = "target", "source", "full"
+SPACES = (TARGET, SOURCE, FULL)
+"""``space=`` values of :meth:`XBTModel.encode_text` / :meth:`XBTModel.encode_image` (default ``TARGET``)."""
 BLEND_METHODS = ("linear", "slerp")
-FORMAT_VERSION = 1
-
-
-@dataclass
-class AdapterConfig:
-    """Where LoRA goes and how big it is (placement through the backbone's presets)."""
-
-    lora_towers: list[str] = field(default_factory=lambda: list(TOWERS))
-    lora_layers: list[str] = field(default_factory=lambda: list(LAYER_KINDS))
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be at least 1, got {self.lora_rank}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+FORMAT_VERSION = 2
 
 
 def blend_embeddings(adapted: torch.Tensor, old: torch.Tensor, alpha: float, method: str = "linear") -> torch.Tensor:
@@ -93,27 +84,19 @@ def blend_embeddings(adapted: torch.Tensor, old: torch.Tensor, alpha: float, met
     raise InputError(f"Unknown blend method {method!r}; choose from {BLEND_METHODS}.")
 
 
-def _tuner_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """peft LoRA layers in ``module`` that are not nested inside another LoRA layer."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    outer: list[tuple[str, nn.Module]] = []
-    for name, child in module.named_modules():
-        if isinstance(child, BaseTunerLayer) and not any(name.startswith(f"{o}.") for o, _ in outer):
-            outer.append((name, child))
-    return outer
-
-
-class XBTModel(nn.Module):
-    """A new CLIP whose embeddings land in an old CLIP's space.
+class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
+               tags=["xbt", "clip", "backward-compatible", "lora", "retrieval"]):
+    """A new CLIP whose embeddings land in an old encoder's space.
 
     Args:
         backbone: the new model, frozen; LoRA is injected into it in place.
-        projection: ψ from the new space into the old (usually the stage-1 result).
+        projection: ψ from the new space into the old (usually the stage-1 result); its
+            ``target_space`` is the space this model writes into.
         adapter: LoRA placement and size.
         old_reference: reference of the old model (recorded; used to load its text
             encoder for query blending).
-        old_fingerprint: fingerprint of the old model; defaults to the one ψ records.
+        old_model_id: ``model_id`` of the old encoder ψ was trained against (recorded; for a
+            native backbone its fingerprint, for an adapter its weights' id).
         training: free-form JSON summary of how the adapter was trained (saved with it).
     """
 
@@ -123,64 +106,47 @@ class XBTModel(nn.Module):
         projection: Projection,
         adapter: AdapterConfig | None = None,
         old_reference: str | None = None,
-        old_fingerprint: str | None = None,
+        old_model_id: str | None = None,
         training: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if any("lora_" in name for name, _ in backbone.model.named_parameters()):
+        self._hub_mixin_config = None  # the configuration is xbt_config.json (written by _save_pretrained)
+        if lora.has_lora(backbone.model):
             raise InputError(f"The backbone {backbone.reference} already carries LoRA layers (it is in use by "
                              f"another XBTModel); load a fresh one with xbt.load_backbone.")
         if projection.new_dim != backbone.embed_dim:
             raise InputError(f"ψ expects new-space vectors of dimension {projection.new_dim}, but the backbone "
                              f"{backbone.reference} produces {backbone.embed_dim}. Use the ψ trained for this model.")
-        projection.check_spaces(source=backbone.space_id, target=old_fingerprint)
+        projection.check_spaces(source=backbone.space_id)
         self.backbone = backbone
         self.projection = projection
         self.adapter = adapter or AdapterConfig()
         self.old_reference = old_reference
-        self.old_fingerprint = old_fingerprint or projection.target_space
+        self.old_model_id = old_model_id
         self.training_summary = dict(training or {})
         self.merged = False
-        self._old_encoder: DualEncoder | None = None
-        self._inject_lora()
+        self._old_encoder: Encoder | None = None
+        lora.inject(backbone.model, self.adapter, self.target_modules, str(backbone.reference))
+        logger.info("LoRA r=%d on %s: %d trainable backbone parameters", self.adapter.lora_rank,
+                    self.adapter.target_modules or "+".join(self.adapter.lora_towers) + "/"
+                    + "+".join(self.adapter.lora_layers), sum(p.numel() for p in self.lora_parameters()))
 
-    # -- LoRA -----------------------------------------------------------------------
-    def _lora_config(self):
-        from peft import LoraConfig
+    @property
+    def target_modules(self) -> str | list[str]:
+        """What peft adapts: ``adapter.target_modules`` when given, else the backbone's presets."""
+        return self.backbone.lora_target_modules(self.adapter.lora_towers, self.adapter.lora_layers,
+                                                 target_modules=self.adapter.target_modules)
 
-        return LoraConfig(
-            r=self.adapter.lora_rank,
-            lora_alpha=self.adapter.lora_alpha,
-            lora_dropout=self.adapter.lora_dropout,
-            target_modules=self.backbone.lora_target_modules(self.adapter.lora_towers, self.adapter.lora_layers),
-            base_model_name_or_path=str(self.backbone.reference),
-        )
-
-    def _inject_lora(self) -> None:
-        from peft import inject_adapter_in_model
-
-        inject_adapter_in_model(self._lora_config(), self.backbone.model)
-        for name, parameter in self.backbone.model.named_parameters():
-            parameter.requires_grad_("lora_" in name)
-        logger.info("LoRA r=%d on %s/%s: %d trainable backbone parameters", self.adapter.lora_rank,
-                    "+".join(self.adapter.lora_towers), "+".join(self.adapter.lora_layers),
-                    sum(p.numel() for p in self.lora_parameters()))
-
+    # -- the Encoder protocol (xbt.spaces) ----------------------------------------------
     @property
     def fingerprint(self) -> str:
         """Identity of this model's current weights: the backbone fingerprint, the LoRA and ψ tensors."""
         digest = hashlib.sha256(self.backbone.fingerprint.encode())
-        named = [(f"lora.{k}", v) for k, v in self.backbone.model.state_dict().items() if "lora_" in k]
+        named = [(f"lora.{k}", v) for k, v in lora.lora_state(self.backbone.model)]
         for name, tensor in sorted(named + [(f"psi.{k}", v) for k, v in self.projection.state_dict().items()]):
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return f"xbt-{digest.hexdigest()[:16]}" + ("-merged" if self.merged else "")
-
-    # -- the Encoder protocol (xbt.spaces) ----------------------------------------------
-    @property
-    def dim(self) -> int:
-        """Dimension of the vectors it writes (the target space's)."""
-        return self.projection.old_dim
 
     @property
     def model_id(self) -> str:
@@ -188,74 +154,55 @@ class XBTModel(nn.Module):
         return self.fingerprint
 
     @property
+    def dim(self) -> int:
+        """Dimension of the vectors it writes (the target space's)."""
+        return self.projection.old_dim
+
+    @property
     def space_id(self) -> str | None:
         """The space its vectors live in: the target (old) space, not its own."""
-        return self.projection.target_space or self.old_fingerprint
+        return self.projection.target_space
 
     @property
     def source_space_id(self) -> str:
-        """The new backbone's native space (``space="new"``)."""
+        """The new backbone's native space (``space="source"``)."""
         return self.backbone.space_id
 
+    @property
+    def full_space_id(self) -> str | None:
+        """The space of the full vectors (``space="full"``), its own; ``None`` when ψ has no extra dims."""
+        return full_space_id(self.model_id) if self.projection.extra_dims else None
+
+    # -- LoRA -----------------------------------------------------------------------
     def lora_parameters(self) -> list[nn.Parameter]:
         """The adapter weights (the only backbone parameters that ever train)."""
-        return [p for name, p in self.backbone.model.named_parameters() if "lora_" in name]
+        return lora.lora_parameters(self.backbone.model)
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
-        """Within this block the backbone computes its native (new-space) features."""
+        """Within this block the backbone computes its native (source-space) features."""
         if self.merged:
             raise InputError("This XBTModel was merged: its adapters are folded into the backbone, so the native "
-                             "new-model embeddings are gone. Load it again without merge() for space='new'.")
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [module for module in self.backbone.model.modules() if isinstance(module, BaseTunerLayer)]
-        trainable = [p.requires_grad for p in self.lora_parameters()]
-        for module in layers:
-            module.enable_adapters(False)
-        try:
+                             "new-model embeddings are gone. Load it again without merge() for space='source'.")
+        with lora.disabled(self.backbone.model):
             yield
-        finally:
-            for module in layers:
-                module.enable_adapters(True)
-            for parameter, flag in zip(self.lora_parameters(), trainable):
-                parameter.requires_grad_(flag)
 
     def merge(self) -> XBTModel:
         """Fold the LoRA weights into the backbone for zero-overhead inference (irreversible).
 
-        Each LoRA layer is merged and replaced by its base module, so the merged model runs
-        exactly the base architecture. MultiheadAttention layers (open_clip) are unloaded
-        through peft's own MHA routine: peft 0.21 adds the out_proj update twice both in its
-        MHA forward pass and in that merge, so the merge reproduces the adapted forward
-        pass exactly (tested; see :func:`mha_out_proj_factor`).
+        The merged model runs exactly the base architecture and computes what the adapted
+        one did (see :func:`xbt.lora.merge`).
         """
-        if self.merged:
-            return self
-        model = self.backbone.model
-        with torch.no_grad():
-            for name, layer in _tuner_layers(model):
-                if hasattr(layer, "unload_and_optionally_merge_module"):
-                    plain = layer.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
-                else:
-                    layer.merge(safe_merge=True)
-                    plain = layer.get_base_layer()
-                parent_name, _, child_name = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child_name, plain)
-        if hasattr(model, "peft_config"):
-            del model.peft_config
-        self.merged = True
+        if not self.merged:
+            lora.merge(self.backbone.model)
+            self.merged = True
         return self
-
-    def _has_mha_lora(self) -> bool:
-        return any(isinstance(module.get_base_layer(), nn.MultiheadAttention)
-                   for _, module in _tuner_layers(self.backbone.model))
 
     # -- encoding -------------------------------------------------------------------
     def forward(
         self, pixels: torch.Tensor | None = None, tokens: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Differentiable old-space embeddings ``(image, text)`` of a training batch."""
+        """Differentiable target-space embeddings ``(image, text)`` of a training batch."""
         image = text = None
         if pixels is not None:
             image = self.projection(F.normalize(self.backbone.image_features(pixels), dim=-1))
@@ -266,7 +213,7 @@ class XBTModel(nn.Module):
     def encode_text(
         self,
         texts: Sequence[str],
-        space: str = "xbt",
+        space: str = TARGET,
         blend_old: float = 0.0,
         blend_method: str = "linear",
         batch_size: int = 256,
@@ -275,18 +222,19 @@ class XBTModel(nn.Module):
         """Normalised float32 text embeddings on the CPU.
 
         Args:
-            space: ``"xbt"`` (old space, through the adapters and ψ) or ``"new"`` (native new model).
+            space: one of :data:`SPACES`: ``"target"`` (the old space, through the adapters
+                and ψ), ``"source"`` (native new model) or ``"full"`` (ψ with extra dims only).
             blend_old: α in [0, 1]; > 0 mixes each query with the old text encoder's embedding
-                of the same text (``"xbt"`` space only; loads the old text encoder on first use).
+                of the same text (``"target"`` space only; loads the old text encoder on first use).
             blend_method: ``"linear"`` (renormalised weighted sum) or ``"slerp"``.
         """
         self._check_space(space)
-        if space == "new":
-            if blend_old:
-                raise InputError("blend_old mixes into the OLD space; it cannot be used with space='new'.")
+        if blend_old and space != TARGET:
+            raise InputError(f"blend_old mixes into the old (target) space; it cannot be used with space={space!r}.")
+        if space == SOURCE:
             with self.adapters_disabled():
                 return self.backbone.encode_text(texts, batch_size=batch_size, progress=progress)
-        embeddings = self._project(self.backbone.encode_text(texts, batch_size=batch_size, progress=progress))
+        embeddings = self._project(self.backbone.encode_text(texts, batch_size=batch_size, progress=progress), space)
         if blend_old:
             old = self.old_text_encoder().encode_text(texts, batch_size=batch_size, progress=progress)
             embeddings = blend_embeddings(embeddings, old, blend_old, blend_method)
@@ -295,31 +243,38 @@ class XBTModel(nn.Module):
     def encode_image(
         self,
         images: Sequence[ImageLike] | torch.Tensor,
-        space: str = "xbt",
+        space: str = TARGET,
         batch_size: int = 128,
         progress: bool | None = None,
     ) -> torch.Tensor:
-        """Normalised float32 image embeddings on the CPU, in the old space (``"xbt"``) or the native ``"new"``."""
+        """Normalised float32 image embeddings on the CPU in ``space`` (one of :data:`SPACES`)."""
         self._check_space(space)
-        if space == "new":
+        if space == SOURCE:
             with self.adapters_disabled():
                 return self.backbone.encode_image(images, batch_size=batch_size, progress=progress)
-        return self._project(self.backbone.encode_image(images, batch_size=batch_size, progress=progress))
+        return self._project(self.backbone.encode_image(images, batch_size=batch_size, progress=progress), space)
 
-    def _project(self, new_embeddings: torch.Tensor) -> torch.Tensor:
+    def _project(self, new_embeddings: torch.Tensor, space: str = TARGET) -> torch.Tensor:
         device = next(self.projection.parameters()).device
         with torch.inference_mode():
-            return self.projection(new_embeddings.to(device)).float().cpu()
+            new_embeddings = new_embeddings.to(device)
+            if space == FULL:
+                return F.normalize(self.projection.extended(new_embeddings), dim=-1).float().cpu()
+            return self.projection(new_embeddings).float().cpu()
 
-    @staticmethod
-    def _check_space(space: str) -> None:
+    def _check_space(self, space: str) -> None:
         if space not in SPACES:
-            raise InputError(f"space must be one of {SPACES} (the old space through the adapters, or the native "
-                             f"new model), got {space!r}. For the old model itself use its own encoder.")
+            raise InputError(f"space must be one of {SPACES} (the old space through the adapters, the native new "
+                             f"model, or the full vectors of a ψ with extra dims), got {space!r}. For the old model "
+                             f"itself use its own encoder.")
+        if space == FULL and not self.projection.extra_dims:
+            raise InputError(f"space='full' needs a ψ with extra dims (kind 'orthogonal', extra_dims > 0); this "
+                             f"one is {self.projection.kind!r} with extra_dims=0, so its full vectors are the "
+                             f"space='target' ones.")
 
     # -- the old text encoder (query blending only) -------------------------------------
-    def old_text_encoder(self) -> DualEncoder:
-        """The old model, loaded on first use from the recorded reference and fingerprint-checked."""
+    def old_text_encoder(self) -> Encoder:
+        """The old encoder, loaded on first use from the recorded reference and space-checked."""
         if self._old_encoder is None:
             if not self.old_reference:
                 raise InputError("No old model reference is recorded for this XBTModel; attach the old model "
@@ -328,59 +283,47 @@ class XBTModel(nn.Module):
             self.use_old_encoder(load_backbone(self.old_reference, device=self.backbone.device))
         return self._old_encoder
 
-    def use_old_encoder(self, encoder: DualEncoder) -> None:
-        """Use ``encoder`` as the old model for blending (must be the one ψ was trained for)."""
-        if self.old_fingerprint and encoder.fingerprint != self.old_fingerprint:
-            raise FingerprintMismatchError(
-                f"The old model {encoder.reference} has fingerprint {encoder.fingerprint}, but this adapter was "
-                f"trained for the old model {self.old_reference} with fingerprint {self.old_fingerprint}."
-            )
-        if encoder.embed_dim != self.projection.old_dim:
-            raise InputError(f"The old model {encoder.reference} has dimension {encoder.embed_dim}, "
-                             f"ψ outputs {self.projection.old_dim}.")
+    def use_old_encoder(self, encoder: Encoder) -> None:
+        """Use ``encoder`` (any :class:`~xbt.spaces.Encoder` of the target space) as the old model for blending."""
+        check_same_space(self.space_id, encoder.space_id, f"The old encoder {encoder.model_id}",
+                         "This adapter writes into another space; blend with an encoder of its target space.")
+        if encoder.dim != self.dim:
+            raise InputError(f"The old encoder {encoder.model_id} has dimension {encoder.dim}, ψ outputs {self.dim}.")
         object.__setattr__(self, "_old_encoder", encoder)  # a helper, not a submodule: never saved or trained
 
-    # -- saving and loading ------------------------------------------------------------
+    # -- saving and loading (huggingface_hub's ModelHubMixin) ------------------------------
     def config_dict(self) -> dict[str, Any]:
-        """Everything needed to rebuild this model except the weights (``xbt_config.json``)."""
+        """Everything but the weights and ψ (``xbt_config.json``)."""
         from . import __version__
 
-        projection = self.projection
+        model = self.backbone.model
         return {
             "format_version": FORMAT_VERSION,
             "xbt_version": __version__,
-            "old_model": {"reference": self.old_reference, "fingerprint": self.old_fingerprint,
-                          "embed_dim": projection.old_dim},
+            "model_id": self.model_id,
+            "source_space": self.source_space_id,
+            "target_space": self.space_id,
+            "old_model": {"reference": self.old_reference, "fingerprint": self.old_model_id, "embed_dim": self.dim},
             "new_model": {"reference": str(self.backbone.reference), "fingerprint": self.backbone.fingerprint,
                           "embed_dim": self.backbone.embed_dim, "backend": self.backbone.backend},
-            "projection": {"new_dim": projection.new_dim, "old_dim": projection.old_dim, "kind": projection.kind,
-                           "hidden_dim": _hidden_dim(projection), "extra_dims": projection.extra_dims},
-            "lora": {**asdict(self.adapter),
-                     "target_modules": self.backbone.lora_target_modules(self.adapter.lora_towers,
-                                                                         self.adapter.lora_layers),
+            "lora": {**asdict(self.adapter), "resolved_target_modules": self.target_modules,
                      "trainable_parameters": sum(p.numel() for p in self.lora_parameters()),
-                     "peft_version": _peft_version(),
-                     "peft_mha_out_proj_factor": mha_out_proj_factor() if self._has_mha_lora() else None},
+                     "peft_version": lora.peft_version(),
+                     "peft_mha_out_proj_factor": lora.mha_out_proj_factor() if lora.has_mha_lora(model) else None},
             "training": self.training_summary,
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the adapter directory (see module docstring); returns its path."""
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write the adapter directory (see the module docstring) into ``save_directory``."""
         if self.merged:
             raise InputError("A merged XBTModel cannot be saved as an adapter: save it before calling merge().")
-        from peft import get_peft_model_state_dict
+        from .model_card import write_model_card
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        adapter_weights = get_peft_model_state_dict(self.backbone.model, save_embedding_layers=False)
-        save_file({_PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in adapter_weights.items()},
-                  str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-        self.backbone.model.peft_config["default"].save_pretrained(str(directory))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()},
-                  str(directory / PROJECTION_FILE), metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
-        logger.info("Saved XBT adapter to %s", directory)
-        return directory
+        lora.save(self.backbone.model, save_directory)
+        self.projection.save_pretrained(save_directory / PROJECTION_DIR)
+        atomic_write_json(save_directory / CONFIG_FILE, self.config_dict())
+        write_model_card(save_directory)  # before the mixin would write its generic card
+        logger.info("Saved XBT adapter to %s", save_directory)
 
     def push_to_hub(self, repo_id: str, eval_dir: str | Path | None = None, **options) -> str:
         """Save this adapter (with ``eval_dir`` and a model card) and commit it to ``repo_id``; returns the commit.
@@ -392,22 +335,51 @@ class XBTModel(nn.Module):
         from .hub import push_adapter
 
         with tempfile.TemporaryDirectory() as folder:
-            return push_adapter(self.save_pretrained(folder), repo_id, eval_dir=eval_dir, **options)
+            self.save_pretrained(folder)
+            return push_adapter(folder, repo_id, eval_dir=eval_dir, **options)
 
     @classmethod
     def from_pretrained(
         cls,
-        directory_or_repo_id: str | Path,
+        pretrained_model_name_or_path: str | Path,
+        *,
         revision: str | None = None,
         backbone: DualEncoder | None = None,
         device: str | torch.device | None = "cpu",
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
     ) -> XBTModel:
-        """Rebuild a saved XBTModel from a local folder or a Hub repo id.
+        """Rebuild a saved XBTModel from a local folder or a Hub repo id (at ``revision``).
 
         The new backbone is loaded from the recorded reference unless ``backbone`` is
         given; either way its fingerprint must equal the recorded one.
         """
-        folder = _resolve_folder(directory_or_repo_id, revision)
+        # The mixin's own from_pretrained first fetches a root config.json, which an adapter
+        # has no use for (its configuration is xbt_config.json) and which fails offline; the
+        # loading itself is the mixin's _from_pretrained hook.
+        if isinstance(pretrained_model_name_or_path, Path) and not pretrained_model_name_or_path.is_dir():
+            raise ModelLoadError(f"Adapter folder {str(pretrained_model_name_or_path)!r} does not exist.")
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
+                                    cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token, backbone=backbone, device=device)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        backbone: DualEncoder | None = None,
+        device: str | torch.device | None = "cpu",
+    ) -> XBTModel:
+        folder = _resolve_folder(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                 local_files_only=local_files_only, token=token)
         config = _read_config(folder)
         new = config["new_model"]
         if backbone is None:
@@ -418,115 +390,50 @@ class XBTModel(nn.Module):
                                      f"on ({error}). Load it yourself and pass backbone=...") from error
         if backbone.fingerprint != new["fingerprint"]:
             raise FingerprintMismatchError(
-                f"The adapter in {directory_or_repo_id} was trained on the new model {new['reference']} "
+                f"The adapter in {model_id} was trained on the new model {new['reference']} "
                 f"(fingerprint {new['fingerprint']}), but the backbone given is {backbone.reference} "
                 f"(fingerprint {backbone.fingerprint}). Pass the model it was trained on."
             )
+        projection = Projection.from_pretrained(folder / PROJECTION_DIR)
+        projection.check_spaces(source=config["source_space"], target=config["target_space"])
+        recorded = config["lora"]
+        lora.check_mha_behaviour(recorded.get("peft_mha_out_proj_factor"), folder)
+        adapter = AdapterConfig(**{f.name: recorded[f.name] for f in fields(AdapterConfig)})
         old = config["old_model"]
-        projection = Projection(**config["projection"], source_space=new["fingerprint"],
-                                target_space=old["fingerprint"])
-        _load_weights(projection, load_file(str(folder / PROJECTION_FILE)), folder / PROJECTION_FILE)
-        lora = config["lora"]
-        _check_mha_behaviour(lora.get("peft_mha_out_proj_factor"), folder)
-        adapter = AdapterConfig(**{k: lora[k] for k in AdapterConfig.__dataclass_fields__})
-        model = cls(backbone, projection, adapter, old_reference=old["reference"],
-                    old_fingerprint=old["fingerprint"], training=config.get("training"))
-        model._load_adapter_weights(folder / ADAPTER_WEIGHTS_FILE)
+        model = cls(backbone, projection, adapter, old_reference=old["reference"], old_model_id=old["fingerprint"],
+                    training=config.get("training"))
+        lora.load(backbone.model, folder)
+        if model.model_id != config["model_id"]:
+            raise ModelLoadError(f"The weights in {folder} have identity {model.model_id}, but {CONFIG_FILE} records "
+                                 f"{config['model_id']}: the adapter directory is inconsistent.")
         return model.to(backbone.device).eval()
 
-    def _load_adapter_weights(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
 
-        weights = {k.removeprefix(_PEFT_PREFIX): v for k, v in load_file(str(path)).items()}
-        expected = {k for k, _ in self.backbone.model.state_dict().items() if "lora_" in k}
-        result = set_peft_model_state_dict(self.backbone.model, weights)
-        if result.unexpected_keys or len(weights) != len(expected):
-            raise ModelLoadError(f"{path} does not match the LoRA layout recorded in {CONFIG_FILE} "
-                                 f"({len(weights)} tensors for {len(expected)} LoRA weights, unexpected: "
-                                 f"{list(result.unexpected_keys)[:3]}). The adapter directory is inconsistent.")
-
-
-@functools.cache
-def mha_out_proj_factor() -> int:
-    """How many times the installed peft applies a MultiheadAttention LoRA's out_proj update (1 or 2).
-
-    peft 0.21 applies it twice (an open peft report); an adapter trained under one behaviour
-    computes something else under the other, so the factor is recorded with every adapter
-    that has such layers and checked when it is loaded.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    generator = torch.Generator().manual_seed(0)
-    holder = nn.Module()
-    holder.attn = nn.MultiheadAttention(4, 1, batch_first=True)
-    plain = nn.MultiheadAttention(4, 1, batch_first=True)
-    plain.load_state_dict(holder.attn.state_dict())
-    inject_adapter_in_model(LoraConfig(r=1, lora_alpha=1, target_modules=["attn"]), holder)
-    layer = holder.attn
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator))
-        x = torch.randn(1, 3, 4, generator=generator)
-        adapted = layer(x, x, x, need_weights=False)[0]
-        plain.in_proj_weight += layer.get_delta_weight("default")
-        out_delta = layer.get_base_layer().out_proj.get_delta_weight("default")
-        errors = {}
-        for factor in (1, 2):
-            reference = nn.MultiheadAttention(4, 1, batch_first=True)
-            reference.load_state_dict(plain.state_dict())
-            reference.out_proj.weight += factor * out_delta
-            errors[factor] = float((reference(x, x, x, need_weights=False)[0] - adapted).abs().max())
-    return min(errors, key=errors.get)
-
-
-def _peft_version() -> str:
-    import peft
-
-    return peft.__version__
-
-
-def _check_mha_behaviour(recorded: int | None, folder: Path) -> None:
-    if recorded is not None and recorded != mha_out_proj_factor():
-        raise ModelLoadError(
-            f"The adapter in {folder} was trained with a peft whose MultiheadAttention LoRA applies the out_proj "
-            f"update {recorded}x; the installed peft {_peft_version()} applies it {mha_out_proj_factor()}x, so "
-            f"its embeddings would differ. Install the peft version recorded in xbt_config.json."
-        )
-
-
-def _hidden_dim(projection: Projection) -> int | None:
-    return projection.residual[0].out_features if projection.residual is not None else None
-
-
-def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as error:
-        raise ModelLoadError(f"{path} does not fit the projection recorded in {CONFIG_FILE}: {error}") from error
-
-
-def _resolve_folder(directory_or_repo_id: str | Path, revision: str | None) -> Path:
-    path = Path(directory_or_repo_id).expanduser()
+def _resolve_folder(model_id: str, **download) -> Path:
+    path = Path(model_id).expanduser()
     if path.is_dir():
         return path
-    if isinstance(directory_or_repo_id, Path) or str(directory_or_repo_id).startswith(("/", ".", "~")):
+    if model_id.startswith(("/", ".", "~")):
         raise ModelLoadError(f"Adapter folder {str(path)!r} does not exist.")
     from .hub import download_adapter
 
-    return download_adapter(str(directory_or_repo_id), revision=revision)
+    return download_adapter(model_id, **download)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    missing = [name for name in (CONFIG_FILE, PROJECTION_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
-               if not (folder / name).is_file()]
+    required = (CONFIG_FILE, f"{PROJECTION_DIR}/config.json", f"{PROJECTION_DIR}/model.safetensors",
+                lora.ADAPTER_CONFIG_FILE, lora.ADAPTER_WEIGHTS_FILE)
+    missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise ModelLoadError(f"{folder} is not an xbt adapter directory: missing {', '.join(missing)}.")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
-        config["new_model"]["fingerprint"], config["projection"]["new_dim"], config["lora"]["lora_rank"]
+        config["new_model"]["fingerprint"], config["old_model"]["reference"], config["model_id"]
+        config["source_space"], config["target_space"]
+        [config["lora"][f.name] for f in fields(AdapterConfig)]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ModelLoadError(f"{folder / CONFIG_FILE} is malformed ({type(error).__name__}: {error}).") from error
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelLoadError(f"{folder} was written by a newer xbt (format {config['format_version']}); upgrade xbt.")
+    if config.get("format_version", 0) != FORMAT_VERSION:
+        raise ModelLoadError(f"{folder} holds adapter format {config.get('format_version')}; this xbt reads format "
+                             f"{FORMAT_VERSION}. Save it again with the xbt that wrote it, or retrain.")
     return config

@@ -2,8 +2,9 @@
 
 The card is filled from ``xbt_config.json`` (models, fingerprints, ψ and LoRA
 configs, training summary) and, when present, ``eval/metrics.json``: its tables are
-the evaluation report's own Markdown, and its cells against the old gallery become
-the ``model-index`` metadata the Hub displays.
+the evaluation report's own Markdown, and its compatibility cells (role ``compatibility``
+or ``blended``: the adapter's queries against the gallery of the space it writes into)
+become the ``model-index`` metadata the Hub displays. Cells are chosen by role, never by name.
 """
 
 from __future__ import annotations
@@ -16,21 +17,23 @@ from typing import Any
 
 import yaml
 
+from .evaluation.plan import BLENDED_ROLE, COMPATIBILITY, DIRECTIONS
+from .io import atomic_write_text
+
 TEMPLATE = "adapter.md"
-COMPATIBILITY_QUERIES = ("xbt", "xbt+old")
+CARD_ROLES = (COMPATIBILITY, BLENDED_ROLE)
 
 
 def _model_index(name: str, metrics: dict[str, Any]) -> list[dict]:
     dataset = metrics.get("dataset", {})
     results = []
-    for direction in ("text→image", "image→text"):
-        cells = [c for c in metrics.get("cells", []) if c["direction"] == direction and c["gallery"] == "old"
-                 and c["query"] in COMPATIBILITY_QUERIES]
+    for direction in DIRECTIONS:
+        cells = [c for c in metrics.get("cells", []) if c["direction"] == direction and c.get("role") in CARD_ROLES]
         if not cells:
             continue
         results.append({
             "task": {"type": "text-to-image-retrieval" if direction == "text→image" else "image-to-text-retrieval",
-                     "name": f"{direction} retrieval against the old gallery"},
+                     "name": f"{direction} retrieval against the gallery of the old space"},
             "dataset": {"type": "custom", "name": str(dataset.get("source", "evaluation set")),
                         "revision": str(dataset.get("fingerprint", ""))},
             "metrics": [{"type": f"recall_at_{k}", "name": f"R@{k} {cell['name']}", "value": round(value, 2)}
@@ -77,14 +80,19 @@ def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
         repo_id=repo_id or str(folder),
         old_reference=old["reference"], old_fingerprint=old["fingerprint"], old_dim=old["embed_dim"],
         new_reference=new["reference"], new_fingerprint=new["fingerprint"], new_dim=new["embed_dim"],
-        adapter=_bullets({"projection": config.get("projection"), "lora": config.get("lora")}),
+        source_space=config.get("source_space"), target_space=config.get("target_space"),
+        adapter=_bullets({"projection": _projection_config(Path(folder)), "lora": config.get("lora")}),
         training=_bullets(config.get("training")),
         evaluation=evaluation,
     )
 
 
+def _projection_config(folder: Path) -> dict[str, Any] | None:
+    """ψ's own config (``projection/config.json``, as stage 1 writes it)."""
+    path = folder / "projection" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
     """Render and write ``README.md`` into the adapter directory; returns its path."""
-    path = Path(folder) / "README.md"
-    path.write_text(render_model_card(folder, repo_id), encoding="utf-8")
-    return path
+    return atomic_write_text(Path(folder) / "README.md", render_model_card(folder, repo_id))

@@ -13,37 +13,24 @@ Three shapes, all returning L2-normalised vectors in the old space:
 Saved and loaded through huggingface_hub's ``PyTorchModelHubMixin`` (config.json +
 model.safetensors; nothing is unpickled). The config records the ids of the
 spaces ψ maps between (``source_space``: the new model's, ``target_space``: the old
-model's, see :mod:`xbt.spaces`), so it can refuse to be used with others.
+model's, see :mod:`xbt.spaces`), so it can refuse to be used with others. Stage 1
+writes exactly this folder, and an adapter directory holds it as ``projection/``.
+The shape options (:class:`~xbt.adapter_config.ProjectionConfig`) live in a torch-free
+module so that commands can show ``--help`` without importing torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils import parametrizations
 
+from .adapter_config import ProjectionConfig
 from .errors import InputError, ModelLoadError
 from .spaces import check_same_space
-
-KINDS = ("linear", "mlp", "orthogonal")
-
-
-@dataclass
-class ProjectionConfig:
-    """Shape of ψ. ``hidden_dim`` defaults to twice the larger of the two dims."""
-
-    kind: str = "mlp"
-    hidden_dim: int | None = None
-    extra_dims: int = 0
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"Projection kind must be one of {KINDS}, got {self.kind!r}.")
-        if self.extra_dims and self.kind != "orthogonal":
-            raise ValueError("extra_dims applies to the 'orthogonal' projection only.")
 
 
 class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt", "backward-compatible"]):
@@ -60,7 +47,7 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
         target_space: str | None = None,
     ):
         super().__init__()
-        ProjectionConfig(kind, hidden_dim, extra_dims)  # validates
+        ProjectionConfig(kind, hidden_dim, extra_dims)  # validates (InputError)
         self.new_dim, self.old_dim, self.kind = new_dim, old_dim, kind
         self.extra_dims = extra_dims
         self.source_space, self.target_space = source_space, target_space
@@ -77,7 +64,13 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
 
     @classmethod
     def build(cls, new_dim: int, old_dim: int, config: ProjectionConfig, **spaces) -> Projection:
+        """A fresh ψ of the shape ``config`` describes; ``spaces``: ``source_space`` / ``target_space``."""
         return cls(new_dim, old_dim, **asdict(config), **spaces)
+
+    @property
+    def full_dim(self) -> int:
+        """Dimension of the full output (:meth:`extended`): the old dims plus any extra ones."""
+        return self.old_dim + self.extra_dims
 
     def extended(self, new_embeddings: torch.Tensor) -> torch.Tensor:
         """Unnormalised output including any extra (non-compatible) dimensions."""

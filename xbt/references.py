@@ -1,13 +1,20 @@
-"""Model references: the one string syntax that names a CLIP checkpoint of either backend.
+"""Model references: the one string syntax that names a checkpoint of any backend.
 
     open_clip:ViT-B-32/openai          built-in architecture + pretrained tag
     open_clip:ViT-B-32                 built-in architecture, random weights (warned)
     open_clip:hf-hub:org/repo          open_clip checkpoint hosted on the Hub
     open_clip:local-dir:/path          folder with open_clip_config.json (+ weights)
-    hf:openai/clip-vit-base-patch32    transformers CLIPModel on the Hub
-    hf:/path/to/folder                 transformers CLIPModel saved with save_pretrained
+    hf:openai/clip-vit-base-patch32    transformers CLIP or SigLIP model on the Hub
+    hf:/path/to/folder                 transformers model saved with save_pretrained
 
 Every other module receives a parsed :class:`ModelRef`, never the raw string.
+
+:data:`BACKENDS` is the one list of reference prefixes. It lives here, not in
+:mod:`xbt.backbones`, because parsing must work without importing torch (``--help``,
+validating a config before any model loads); each backbone family registers against
+one of these prefixes (:func:`xbt.backbones.registry.register` refuses any other),
+and several families may share one (``hf:`` holds CLIP and SigLIP, told apart by the
+loaded config).
 """
 
 from __future__ import annotations
@@ -18,14 +25,15 @@ from pathlib import Path
 
 from .errors import ModelReferenceError
 
-BACKENDS = ("open_clip", "hf")
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "open_clip": ("open_clip:ARCH/PRETRAINED_TAG", "open_clip:hf-hub:ORG/REPO", "open_clip:local-dir:PATH"),
+    "hf": ("hf:ORG/REPO", "hf:PATH"),
+}
+"""Reference prefix -> the forms it accepts (shown in error messages)."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
-_SYNTAX_HELP = (
-    "Use one of: 'open_clip:ARCH/PRETRAINED_TAG', 'open_clip:hf-hub:ORG/REPO', "
-    "'open_clip:local-dir:PATH', 'hf:ORG/REPO' or 'hf:PATH'."
-)
+_SYNTAX_HELP = "Use one of: " + ", ".join(repr(form) for forms in BACKENDS.values() for form in forms) + "."
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,7 @@ class ModelRef:
     """A parsed model reference.
 
     Attributes:
-        backend: ``"open_clip"`` or ``"hf"``.
+        backend: the prefix, a key of :data:`BACKENDS`.
         kind: ``"builtin"``, ``"hub"`` or ``"local"``.
         name: architecture name (builtin), repo id (hub) or absolute folder path (local).
         pretrained: open_clip pretrained tag for builtin architectures, else ``None``.

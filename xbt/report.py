@@ -3,10 +3,14 @@
 The report is a plain JSON-serialisable dict (see :func:`cells_to_json` and
 :func:`xbt.evaluation.evaluate`), so a team can diff runs or feed them to a dashboard:
 
-    {"xbt_version", "models": {...}, "dataset": {...}, "search": {...}, "ks": [1, 5, 10],
-     "cells": [{"direction", "query", "gallery", "name", "recall": {"1": ...}, "compatible", "gap_recovered",
-                "exact_recall", "recall_loss"}, ...],
-     "backfill": {"text→image": {"query", "fractions", "seed", "replaceable", "recall": {"1": [...]}}}}
+    {"xbt_version", "spaces": {name: {"kind", "space_id", "model_id", "dim", "modalities", ...}},
+     "dataset": {...}, "search": {...}, "ks": [1, 5, 10],
+     "cells": [{"direction", "query", "gallery", "name", "role", "query_space_id", "gallery_space_id",
+                "recall": {"1": ...}, "compatible", "gap_recovered", "exact_recall", "recall_loss"}, ...],
+     "backfill": {"text→image": {"query", "gallery", "fractions", "seed", "replaceable", "recall": {"1": [...]}}}}
+
+Everything here reads a cell's ``role`` (:data:`xbt.evaluation.plan.ROLES`), never its space names:
+the lower-bound line of the bar plot, the colours, the columns of the table.
 """
 
 from __future__ import annotations
@@ -18,14 +22,18 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .retrieval import DIRECTIONS, CellResult  # noqa: E402
+from .evaluation.plan import DIRECTIONS, LOWER_BOUND, ROLES  # noqa: E402
+from .io import atomic_write_text  # noqa: E402
+from .retrieval import CellResult  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 PLOTS = {"matrix": "matrix.png", "backfill": "backfill.png", "recall_bars": "recall_bars.png"}
+ROLE_COLOURS = {role: f"C{number}" for number, role in enumerate(ROLES)}
 
 
 def _per_k(values: dict | None) -> dict[str, object] | None:
@@ -37,6 +45,7 @@ def cells_to_json(cells: list[CellResult]) -> list[dict]:
     out = []
     for cell in cells:
         entry = {"direction": cell.direction, "query": cell.query, "gallery": cell.gallery, "name": cell.name,
+                 "role": cell.role, "query_space_id": cell.query_space_id, "gallery_space_id": cell.gallery_space_id,
                  "recall": _per_k(cell.recall), "compatible": _per_k(cell.compatible),
                  "gap_recovered": _per_k(cell.gap_recovered), **cell.extra}
         if cell.exact_recall is not None:
@@ -58,12 +67,12 @@ def _fmt(value, digits: int = 1) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The report as Markdown: models, data, one matrix table per direction, the backfill table."""
+    """The report as Markdown: spaces, data, one matrix table per direction, the backfill table."""
     ks = [str(k) for k in report["ks"]]
     lines = ["# Cross-model retrieval evaluation", ""]
-    for role, info in report.get("models", {}).items():
-        described = ", ".join(f"{key} `{value}`" for key, value in info.items() if value is not None)
-        lines.append(f"- **{role}**: {described}")
+    for name, info in report.get("spaces", {}).items():
+        described = ", ".join(f"{key} `{value}`" for key, value in info.items() if key != "kind" and value is not None)
+        lines.append(f"- **{name}** ({info.get('kind', 'space')}): {described}")
     dataset = report.get("dataset", {})
     if dataset:
         lines.append("- **data**: " + ", ".join(f"{key} {value}" for key, value in dataset.items()
@@ -72,20 +81,21 @@ def markdown(report: dict) -> str:
         lines.append(f"- **stored {name}**: {stored['items']} vectors of dimension {stored['dim']}")
     search = report.get("search", {})
     lines += [f"- **search**: {', '.join(f'{k} {v}' for k, v in search.items())}", ""]
-    lines += ["Recall@K in percent. *compatible*: beats old→old at that K. *gap*: share of the old→new gap "
-              "recovered, (R − R(old→old)) / (R(new→new) − R(old→old)).", ""]
+    lines += ["Recall@K in percent. *compatible*: beats the lower bound (the old model searching its own "
+              "gallery) at that K. *gap*: share of the gap between the lower and the upper bound (the new model "
+              "in its own space) recovered, (R − R(lower)) / (R(upper) − R(lower)).", ""]
     approximate = any("exact_recall" in cell for cell in report["cells"])
     for direction in DIRECTIONS:
         cells = [cell for cell in report["cells"] if cell["direction"] == direction]
         if not cells:
             continue
-        header = ["cell"] + [f"R@{k}" for k in ks] + ["compatible"] + [f"gap@{k}" for k in ks]
+        header = ["cell", "role"] + [f"R@{k}" for k in ks] + ["compatible"] + [f"gap@{k}" for k in ks]
         if approximate:
             header += [f"exact R@{k}" for k in ks]
         lines += [f"## {direction}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for cell in cells:
             compatible = cell["compatible"]
-            row = [f"`{cell['name']}`"] + [_fmt(cell["recall"][k]) for k in ks]
+            row = [f"`{cell['name']}`", str(cell.get("role") or "–")] + [_fmt(cell["recall"][k]) for k in ks]
             row.append("–" if compatible is None else " ".join(_fmt(compatible[k]) for k in ks))
             gap = cell["gap_recovered"] or {}
             row += [_fmt(gap.get(k), 2) for k in ks]
@@ -95,8 +105,8 @@ def markdown(report: dict) -> str:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     for direction, curve in report.get("backfill", {}).items():
-        lines += [f"## Backfill, {direction} (queries `{curve['query']}`, {curve['replaceable']} re-embeddable "
-                  f"items, seed {curve['seed']})", "",
+        lines += [f"## Backfill, {direction} (queries `{curve['query']}`, gallery `{curve['gallery']}`, "
+                  f"{curve['replaceable']} re-embeddable items, seed {curve['seed']})", "",
                   "| p | " + " | ".join(f"R@{k}" for k in curve["recall"]) + " |",
                   "|---|" + "---|" * len(curve["recall"])]
         for index, fraction in enumerate(curve["fractions"]):
@@ -161,7 +171,8 @@ def plot_backfill(report: dict, path: Path) -> None:
 
 
 def plot_recall_bars(report: dict, path: Path) -> None:
-    """Grouped bars: every cell's Recall@K, one panel per direction, old→old marked as a dashed line."""
+    """Every cell's Recall@K, one panel per direction: one group per cell, bars coloured by the cell's role
+    (K from light to dark), the lower-bound cell's R@K as dashed lines."""
     directions = _directions(report)
     ks = [str(k) for k in report["ks"]]
     figure, axes = plt.subplots(len(directions), 1, figsize=(9, 3.8 * len(directions)), squeeze=False)
@@ -169,16 +180,20 @@ def plot_recall_bars(report: dict, path: Path) -> None:
         cells = [cell for cell in report["cells"] if cell["direction"] == direction]
         width = 0.8 / len(ks)
         positions = np.arange(len(cells))
+        colours = [ROLE_COLOURS.get(cell.get("role"), "grey") for cell in cells]
         for offset, k in enumerate(ks):
-            axis.bar(positions + offset * width, [cell["recall"][k] for cell in cells], width, label=f"R@{k}")
+            axis.bar(positions + offset * width, [cell["recall"][k] for cell in cells], width, color=colours,
+                     alpha=0.45 + 0.55 * (offset + 1) / len(ks), edgecolor="black", linewidth=0.3)
         for cell in cells:
-            if cell["name"] == "old→old":
-                for offset, k in enumerate(ks):
-                    axis.axhline(cell["recall"][k], color=f"C{offset}", linestyle="--", linewidth=0.8)
+            if cell.get("role") == LOWER_BOUND:
+                for k in ks:
+                    axis.axhline(cell["recall"][k], color=ROLE_COLOURS[LOWER_BOUND], linestyle="--", linewidth=0.8)
         axis.set_xticks(positions + 0.4 - width / 2, [cell["name"] for cell in cells], rotation=30, ha="right")
-        axis.set_ylabel("Recall@K (%)")
-        axis.set_title(f"{direction} (dashed: old→old)")
-        axis.legend(fontsize=8)
+        axis.set_ylabel(f"Recall@K (%), K = {', '.join(ks)}")
+        axis.set_title(f"{direction} (dashed: lower bound at each K)")
+        roles = list(dict.fromkeys(cell.get("role") for cell in cells))
+        axis.legend(handles=[matplotlib.patches.Patch(color=ROLE_COLOURS.get(role, "grey"), label=str(role))
+                             for role in roles], fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -189,8 +204,8 @@ def write_report(report: dict, output: str | Path) -> dict[str, Path]:
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": output / "metrics.json", "markdown": output / "report.md"}
-    paths["metrics"].write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    paths["markdown"].write_text(markdown(report))
+    atomic_write_text(paths["metrics"], json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(paths["markdown"], markdown(report))
     plot_matrix(report, output / PLOTS["matrix"])
     plot_recall_bars(report, output / PLOTS["recall_bars"])
     paths.update(matrix=output / PLOTS["matrix"], recall_bars=output / PLOTS["recall_bars"])

@@ -2,7 +2,8 @@
 
 Conventions (see DESIGN.md, "Metrics, exactly"):
 
-* Every query and every gallery item carries an integer *label*. A gallery item is
+* Every query and every gallery item carries a *label*, a string id (xbt's one id model,
+  :mod:`xbt.io`: integers from ``.npy``/faiss/safetensors are read as their string form). A gallery item is
   relevant to a query when their labels are equal. text→image: a caption's label is
   its image's id and each gallery image has its own id. image→text: an image's label
   is its id and each gallery caption carries the id of the image it describes, so a
@@ -32,12 +33,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import InputError
+from .evaluation.plan import DEFAULT_KS, DIRECTIONS, EXACT
+from .io import read_ids
+
+__all__ = ["DIRECTIONS", "DEFAULT_KS", "EXACT", "SearchConfig", "Labeled", "SearchResult", "CellResult",
+           "check_vectors", "check_pair", "search", "recall_at_k", "evaluate_cell", "backfill_curve",
+           "load_embeddings", "uses_gpu"]
 
 logger = logging.getLogger(__name__)
 
-DIRECTIONS = ("text→image", "image→text")
-DEFAULT_KS = (1, 5, 10)
-EXACT = "Flat"
 SHARD_BYTES = 1 << 30  # default shard: 1 GiB of float32 gallery rows
 TIE_MARGIN = 16  # extra results fetched so that most tie groups are complete on the first try
 VALIDATION_ROWS = 1 << 16
@@ -77,13 +81,21 @@ class SearchConfig:
 
 @dataclass
 class Labeled:
-    """Vectors (rows; ``np.ndarray`` or ``np.memmap``) and one integer label per row."""
+    """Vectors (rows; ``np.ndarray`` or ``np.memmap``) and one string label (id) per row.
+
+    ``space_id`` is the space the vectors live in when their source records it (a stored gallery).
+    Labels of any type are stored as strings, so ``7`` from a ``.npy`` and ``"7"`` from a text
+    file name the same item.
+    """
 
     vectors: np.ndarray
     labels: np.ndarray
+    space_id: str | None = None
+    _checked: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.int64)
+        labels = np.asarray(self.labels)
+        self.labels = labels if labels.dtype.kind == "U" else labels.astype(str)
         if self.vectors.ndim != 2 or self.labels.shape != (self.vectors.shape[0],):
             raise InputError(f"Got {self.vectors.shape} vectors but {self.labels.shape} labels; "
                              f"need a 2-D array and one label per row.")
@@ -94,6 +106,12 @@ class Labeled:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    def check(self, what: str) -> None:
+        """:func:`check_vectors` once per object: a large stored gallery is read for validation one time only."""
+        if not self._checked:
+            check_vectors(self.vectors, what)
+            self._checked = True
 
 
 @dataclass
@@ -112,6 +130,9 @@ class CellResult:
     query: str
     gallery: str
     recall: dict[int, float]
+    role: str | None = None  # see xbt.evaluation.plan.ROLES
+    query_space_id: str | None = None
+    gallery_space_id: str | None = None
     exact_recall: dict[int, float] | None = None  # set when an approximate index was used
     compatible: dict[int, bool] | None = None
     gap_recovered: dict[int, float | None] | None = None
@@ -160,8 +181,8 @@ def check_pair(queries: Labeled, gallery: Labeled, what: str, vectors: bool = Tr
     """Check a query set and a gallery before searching one with the other (``vectors=False``: only
     dimensions and ids, for vectors already checked with :func:`check_vectors`)."""
     if vectors:
-        check_vectors(queries.vectors, f"{what}: queries")
-        check_vectors(gallery.vectors, f"{what}: gallery")
+        queries.check(f"{what}: queries")
+        gallery.check(f"{what}: gallery")
     if queries.dim != gallery.dim:
         raise InputError(f"{what}: queries have dimension {queries.dim} but the gallery has {gallery.dim}; "
                          f"a gallery must be searched with queries from the same embedding space.")
@@ -287,7 +308,7 @@ def search(queries: np.ndarray, gallery: np.ndarray | PartlyReplaced, k: int, co
 def first_hit_rank(result: SearchResult, query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
     """0-based rank of the first relevant gallery item per query; :data:`MISS` when none is in the results."""
     found = result.rows >= 0
-    labels = np.where(found, np.asarray(gallery_labels)[np.where(found, result.rows, 0)], -1)
+    labels = np.asarray(gallery_labels)[np.where(found, result.rows, 0)]  # a missing row is masked by `found`
     relevant = found & (labels == np.asarray(query_labels)[:, None])
     return np.where(relevant.any(1), relevant.argmax(1), MISS)
 
@@ -307,34 +328,19 @@ def recall_at_k(queries: Labeled, gallery: Labeled, ks: Sequence[int] = DEFAULT_
 
 
 def evaluate_cell(direction: str, query: str, gallery: str, queries: Labeled, items: Labeled,
-                  ks: Sequence[int] = DEFAULT_KS, config: SearchConfig | None = None,
-                  validate: bool = True) -> CellResult:
-    """One cell; with an approximate index also the exact recall, so its loss can be reported."""
+                  ks: Sequence[int] = DEFAULT_KS, config: SearchConfig | None = None, validate: bool = True,
+                  role: str | None = None) -> CellResult:
+    """One cell; with an approximate index also the exact recall, so its loss can be reported.
+
+    The cell records ``role`` and the space ids of both sides (from the vectors' ``space_id``).
+    """
     config = config or SearchConfig()
     desc = f"{direction} {query}→{gallery}"
-    cell = CellResult(direction, query, gallery, recall_at_k(queries, items, ks, config, desc, validate))
+    cell = CellResult(direction, query, gallery, recall_at_k(queries, items, ks, config, desc, validate), role=role,
+                      query_space_id=queries.space_id, gallery_space_id=items.space_id)
     if not config.exact:
         cell.exact_recall = recall_at_k(queries, items, ks, config.exact_version(), desc + " (exact)", False)
     return cell
-
-
-def score_against_reference(cells: list[CellResult], old: str = "old", new: str = "new") -> None:
-    """Fill in, for every cell searching the ``old`` gallery, the compatibility criterion and the gap recovered.
-
-    Compatible: R@K(cell) > R@K(old→old). Gap recovered: (R(cell) − R(old→old)) / (R(new→new) − R(old→old)),
-    ``None`` when new→new is missing or equals old→old.
-    """
-    by_name = {(c.direction, c.name): c for c in cells}
-    for cell in cells:
-        baseline = by_name.get((cell.direction, f"{old}→{old}"))
-        if cell.gallery != old or cell.query == old or baseline is None:
-            continue
-        upper = by_name.get((cell.direction, f"{new}→{new}"))
-        cell.compatible = {k: cell.recall[k] > baseline.recall[k] for k in cell.recall}
-        cell.gap_recovered = {}
-        for k in cell.recall:
-            span = None if upper is None else upper.recall[k] - baseline.recall[k]
-            cell.gap_recovered[k] = None if not span else (cell.recall[k] - baseline.recall[k]) / span
 
 
 # ---------------------------------------------------------------------------------
@@ -395,20 +401,6 @@ def backfill_curve(queries: Labeled, old_gallery: Labeled, reembedded: np.ndarra
 # ---------------------------------------------------------------------------------
 # Stored embeddings (the user's own gallery and query sets)
 # ---------------------------------------------------------------------------------
-def _read_ids(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        ids = np.load(path, allow_pickle=False)
-    else:
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        try:
-            ids = np.array([int(line) for line in lines], dtype=np.int64)
-        except ValueError as error:
-            raise InputError(f"Ids file {str(path)!r} must hold one integer per line ({error}).") from error
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"Ids in {str(path)!r} must be a 1-D integer array, got {ids.dtype} {ids.shape}.")
-    return ids.astype(np.int64)
-
-
 def _read_faiss(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     outer = faiss.read_index(str(path))
     index, ids = outer, None
@@ -426,22 +418,26 @@ def _read_faiss(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def load_embeddings(path: str | Path, ids: str | Path | None = None, mmap: bool = True) -> Labeled:
-    """Read stored embeddings with their ids.
+    """Read stored embeddings with their ids (strings) and, when the file records it, their space id.
 
-    ``.npy`` (memory-mapped), ``.safetensors`` (tensor ``embeddings``, optional int tensor ``ids``) or a
-    faiss index (``.faiss``/``.index``; ids from an ``IndexIDMap``). ``ids`` names a separate ids file
-    (``.npy`` or text, one integer per line) and overrides stored ids; without any, ids are the row numbers.
-    Vectors are validated (finite, non-zero) here.
+    ``.npy`` (memory-mapped), ``.safetensors`` (tensor ``embeddings``, optional integer tensor ``ids``,
+    optional metadata ``space_id``) or a faiss index (``.faiss``/``.index``; ids from an ``IndexIDMap``).
+    ``ids`` names a separate ids file (read by :func:`xbt.io.read_ids`: one id per line, or a 1-D
+    ``.npy``) and overrides stored ids; without any, ids are the row numbers. Vectors are validated
+    (finite, non-zero) here, once: the returned :class:`Labeled` is not validated again.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Embeddings file {str(path)!r} does not exist.")
-    stored_ids = None
+    stored_ids, space_id = None, None
     if path.suffix == ".npy":
         vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     elif path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.numpy import load_file
 
+        with safe_open(str(path), "np") as handle:
+            space_id = (handle.metadata() or {}).get("space_id")
         tensors = load_file(str(path))
         if "embeddings" not in tensors:
             raise InputError(f"{str(path)!r} holds tensors {sorted(tensors)}; xbt expects one named 'embeddings' "
@@ -452,11 +448,16 @@ def load_embeddings(path: str | Path, ids: str | Path | None = None, mmap: bool 
     else:
         raise InputError(f"Unknown embeddings format {path.suffix!r} ({str(path)!r}); use .npy, .safetensors, "
                          f"or a faiss index saved as .faiss/.index.")
+    if ids is not None:
+        labels = read_ids(ids)
+    elif stored_ids is not None:
+        labels = [str(value) for value in stored_ids.tolist()]
+    else:
+        labels = [str(row) for row in range(vectors.shape[0])]
+    if vectors.ndim == 2 and len(labels) != vectors.shape[0]:
+        raise InputError(f"{str(path)!r} holds {vectors.shape[0]} vectors but {len(labels)} ids"
+                         f"{f' in {str(ids)!r}' if ids is not None else ''}; there must be one id per vector.")
     check_vectors(vectors, str(path))
-    labels = _read_ids(Path(ids)) if ids is not None else stored_ids
-    if labels is None:
-        labels = np.arange(vectors.shape[0], dtype=np.int64)
-    if len(labels) != vectors.shape[0]:
-        raise InputError(f"{str(path)!r} holds {vectors.shape[0]} vectors but {len(labels)} ids; "
-                         f"there must be one id per vector.")
-    return Labeled(vectors, labels)
+    stored = Labeled(vectors, np.asarray(labels, dtype=str), space_id)
+    stored._checked = True
+    return stored

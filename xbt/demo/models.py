@@ -1,4 +1,4 @@
-"""Tiny CLIP models built from configs, saved in each library's own on-disk format.
+"""Tiny CLIP models (and a tiny SigLIP) built from configs, saved in each library's own on-disk format.
 
 Nothing is downloaded: weights are random (seeded) until the demo trains them. The
 transformers side gets a real CLIP BPE tokenizer built from the vocabulary file that
@@ -93,33 +93,70 @@ def build_open_clip(folder: str | Path, config: TinyClipConfig = TinyClipConfig(
     return f"open_clip:local-dir:{folder.resolve()}"
 
 
+def _tower_configs(config: TinyClipConfig) -> tuple[dict, dict]:
+    """(text, vision) tower configs of a tiny transformers dual encoder (CLIP and SigLIP alike).
+
+    Token ids are those of the real CLIP BPE (:func:`build_clip_tokenizer`), which pads with
+    its end-of-text token.
+    """
+    text = {"vocab_size": config.vocab_size, "hidden_size": config.width, "intermediate_size": 4 * config.width,
+            "num_hidden_layers": config.layers, "num_attention_heads": config.heads,
+            "max_position_embeddings": config.context_length,
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+    vision = {"hidden_size": config.width, "intermediate_size": 4 * config.width,
+              "num_hidden_layers": config.layers, "num_attention_heads": config.heads,
+              "image_size": config.image_size, "patch_size": config.patch_size}
+    return text, vision
+
+
+def _save_hf(model, processor, folder: Path, config: TinyClipConfig) -> str:
+    """Save a tiny transformers model with the CLIP BPE tokenizer and ``processor``; returns ``hf:FOLDER``."""
+    save_weights(model, "hf", folder)
+    build_clip_tokenizer(folder, context_length=config.context_length)
+    processor.save_pretrained(str(folder))
+    (folder / "tiny_clip_config.json").write_text(json.dumps(asdict(config), indent=2))
+    return f"hf:{folder.resolve()}"
+
+
 def build_hf_clip(folder: str | Path, config: TinyClipConfig = TinyClipConfig()) -> str:
     """Build and save a tiny transformers CLIPModel + tokenizer + processor; returns ``hf:FOLDER``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    clip_config = CLIPConfig(
-        text_config={"vocab_size": config.vocab_size, "hidden_size": config.width,
-                     "intermediate_size": 4 * config.width, "num_hidden_layers": config.layers,
-                     "num_attention_heads": config.heads, "max_position_embeddings": config.context_length,
-                     "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407},
-        vision_config={"hidden_size": config.width, "intermediate_size": 4 * config.width,
-                       "num_hidden_layers": config.layers, "num_attention_heads": config.heads,
-                       "image_size": config.image_size, "patch_size": config.patch_size},
-        projection_dim=config.embed_dim,
-    )
+    text, vision = _tower_configs(config)
     torch.manual_seed(config.seed)
-    model = CLIPModel(clip_config)
-    save_weights(model, "hf", folder)
-    build_clip_tokenizer(folder, context_length=config.context_length)
-    CLIPImageProcessor(
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=config.embed_dim))
+    processor = CLIPImageProcessor(
         size={"shortest_edge": config.image_size},
         crop_size={"height": config.image_size, "width": config.image_size},
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-    ).save_pretrained(str(folder))
-    (folder / "tiny_clip_config.json").write_text(json.dumps(asdict(config), indent=2))
-    return f"hf:{folder.resolve()}"
+    )
+    return _save_hf(model, processor, folder, config)
+
+
+def build_hf_siglip(folder: str | Path, config: TinyClipConfig = TinyClipConfig()) -> str:
+    """Build and save a tiny transformers SiglipModel + tokenizer + processor; returns ``hf:FOLDER``.
+
+    SigLIP has no projection: its embeddings have ``config.width`` dimensions
+    (``config.embed_dim`` is not used). The tokenizer is the real CLIP BPE, saved with
+    the model (SigLIP's own is a SentencePiece model that cannot be built offline);
+    the image processor is SigLIP's own (plain resize, mean/std 0.5).
+    """
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTextConfig, SiglipVisionConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text, vision = _tower_configs(config)
+    torch.manual_seed(config.seed)
+    model = SiglipModel(SiglipConfig(text_config=SiglipTextConfig(**text).to_dict(),
+                                     vision_config=SiglipVisionConfig(**vision).to_dict()))
+    processor = SiglipImageProcessor(size={"height": config.image_size, "width": config.image_size})
+    return _save_hf(model, processor, folder, config)
 
 
 BUILDERS = {"open_clip": build_open_clip, "hf": build_hf_clip}
+"""One builder per backend: the tests' ``backend`` fixture runs over these."""
+
+FAMILY_BUILDERS = {"open_clip": build_open_clip, "clip": build_hf_clip, "siglip": build_hf_siglip}
+"""One builder per backbone family (:data:`xbt.backbones.FAMILIES`)."""
