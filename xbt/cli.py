@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("xbt.train.pair_stage:run", "stage 2: train LoRA adapters + ψ on image-text pairs (accelerate-ready)"),
     "pretrain-text": ("xbt.train.text_stage:run", "stage 1: train the projection ψ (new → old text space) from cached caption embeddings"),
     "fit": ("xbt.train.fit:run", "the whole training from one config file: cache, stage 1, stage 2 (done steps skipped)"),
+    "export": ("xbt.export:run", "write an adapter as a standalone checkpoint (LoRA merged, ψ folded) or ONNX"),
     "push": ("xbt.hub:push_command", "publish an adapter directory (with model card and eval) to the Hugging Face Hub"),
     "check-pairs": ("xbt.data.check:main", "decode every image of an image-text source once and report bad files"),
 }

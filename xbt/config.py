@@ -307,6 +307,17 @@ def _item_parser(option: Option):
     return parse
 
 
+class _ListOnce(argparse.Action):
+    """A list option takes all its values after one flag: a repeat would silently drop the first values."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if hasattr(namespace, self.dest):
+            raise argparse.ArgumentError(self, f"given more than once; give it once with all its values, "
+                                               f"e.g. {self.option_strings[0]} A B")
+        setattr(namespace, self.dest, values)
+
+
 def _help(option: Option) -> str:
     text = option.help.replace("%", "%%")
     if "default" in text.lower() and not option.required:  # the help text says it already
@@ -348,8 +359,10 @@ def _add(group: argparse._ArgumentGroup, option: Option) -> None:
         group.add_argument(*negations, action="store_const", const=False, dest=option.name,
                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return
-    nargs = "+" if option.container else None
-    group.add_argument(*flags, nargs=nargs, type=_item_parser(option), **common)
+    if option.container:
+        group.add_argument(*flags, nargs="+", type=_item_parser(option), action=_ListOnce, **common)
+    else:
+        group.add_argument(*flags, type=_item_parser(option), **common)
 
 
 def _title(kind: type) -> str:
