@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# `from helpers import ...` (the shared test helpers) in every test module and in any import mode.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 # No test may reach a model hub; a test that needs a Hub runs its own server on 127.0.0.1.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,19 +20,9 @@ from xbt.cache import EmbeddingCache, EmbeddingSource, build_cache, cache_key, t
 from xbt.data.captions import texts_fingerprint
 from xbt.errors import FingerprintMismatchError, InputError
 
+from helpers import captions
+
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
-SHAPES = ["square", "circle", "triangle", "star", "cross", "ring"]
-PLACES = ["on grass", "in the snow", "on a table", "under a tree", "near a wall"]
-
-
-def captions(count: int) -> list[str]:
-    """Distinct generated captions, deterministic."""
-    out = []
-    for i in range(count):
-        colour, shape, place = COLOURS[i % 8], SHAPES[(i // 8) % 6], PLACES[(i // 48) % 5]
-        out.append(f"a {colour} {shape} {place} number {i // 240}")
-    return out
 
 
 def counting(source: EmbeddingSource, calls: list) -> EmbeddingSource:
@@ -152,7 +142,7 @@ WRITER = textwrap.dedent("""
     from xbt import load_backbone
     from xbt.cache import build_cache, text_source
     sys.path.insert(0, {tests!r})
-    from test_cache import captions
+    from helpers import captions
 
     old_ref, new_ref, root, count, shard_size = sys.argv[1:6]
     state = Accelerator()

@@ -20,7 +20,7 @@ from xbt.train.checkpoints import list_checkpoints
 from xbt.train.fit import config_from, fit, plan
 from xbt.train.records import RECORD_FILE
 
-from test_pair_stage import write_pairs
+from helpers import write_pairs
 
 
 @pytest.fixture(scope="module")

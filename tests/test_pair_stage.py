@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from xbt import load_backbone
@@ -28,8 +27,9 @@ from xbt.train.engine import make_accelerator
 from xbt.train.pair_stage import TrainingDivergedError, bank_rows, enable_gradient_checkpointing, train
 from xbt.train.targets import load_gallery
 
+from helpers import write_pairs
+
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 IMAGES = 40
 
 
@@ -43,25 +43,6 @@ class Setup:
     gallery_ids: Path
     cache: Path
     ids: list[str]
-
-
-def write_pairs(folder: Path, count: int) -> list[str]:
-    """Coloured squares on noise with two captions each, plus one corrupt and one missing image."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(count):
-        colour, size = list(COLOURS)[i % 4], ("small", "large")[(i // 4) % 2]
-        pixels = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
-        side = 8 if size == "small" else 20
-        pixels[6:6 + side, 6:6 + side] = COLOURS[colour]
-        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-        rows.append({"file_name": f"{i:03d}.png", "captions": [f"a {size} {colour} square", f"{colour} block, {size}"]})
-    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
-    rows.append({"file_name": "corrupt.png", "captions": ["a broken file"]})
-    rows.append({"file_name": "missing.png", "captions": ["a file that is not there"]})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return [row["file_name"] for row in rows]
 
 
 @pytest.fixture(scope="module")

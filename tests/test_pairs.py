@@ -18,7 +18,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 
 from xbt import InputError
 from xbt import images as xbt_images
@@ -27,13 +26,10 @@ from xbt.data.packed import PackedCaptions, PackedStrings
 from xbt.data.pairs import (PairDataConfig, PairSampler, detect_format, iter_captions, make_pair_loader, open_pairs,
                             set_loader_epoch)
 
-SIZE = 8
+from helpers import TINY_IMAGE_SIZE as SIZE
+from helpers import read_all, tiny_preprocess
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_preprocess(image: Image.Image) -> torch.Tensor:
-    """A picklable stand-in for a CLIP preprocess: fixed size, CHW uint8."""
-    return pil_to_tensor(image.resize((SIZE, SIZE)))
 
 
 def image_bytes(index: int, mode: str = "RGB", fmt: str = "PNG", size: int = 12) -> bytes:
@@ -59,10 +55,6 @@ def write_folder(root: Path, count: int, captions_per_image: int = 3, metadata: 
                                           for r in rows]
         (root / "metadata.csv").write_text("\n".join(lines) + "\n")
     return root
-
-
-def read_all(loader) -> list[tuple[str, str]]:
-    return [(example_id, caption) for batch in loader for example_id, caption in zip(batch["ids"], batch["captions"])]
 
 
 # ----------------------------------------------------------------------------- folders and metadata
@@ -461,7 +453,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import json, sys
     from accelerate import Accelerator
     sys.path.insert(0, {tests!r})
-    from test_pairs import read_all, tiny_preprocess
+    from helpers import read_all, tiny_preprocess
     from xbt.data.pairs import PairDataConfig, make_pair_loader, open_pairs, set_loader_epoch
 
     folder, shards, out = sys.argv[1:4]

@@ -24,8 +24,7 @@ from xbt.train.config import TextStageConfig
 from xbt.train.engine import make_accelerator
 from xbt.train.text_stage import evaluate, train_text_stage
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_cache import captions  # noqa: E402
+from helpers import captions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,12 +19,11 @@ and writes DIR/summary.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ import yaml
 
 from .. import eval_cli
 from ..backbones import load_backbone
+from ..config import parse_configs
 from ..io import atomic_write_text
 from ..train import engine
 from ..train.config import FitConfig
@@ -51,10 +51,22 @@ XBT_SIZES = {"demo": {"stage1_epochs": 4, "stage2_steps": 400}, "fast": {"stage1
 
 @dataclass
 class DemoConfig:
-    output: str = "runs/demo"
-    domain: str = "shapes"
-    preset: str = "demo"
-    seed: int = 0
+    """What the demo generates and trains."""
+
+    output: str = field(default="runs/demo", metadata={"help": "folder for data, models and results"})
+    domain: str = field(default="shapes", metadata={"help": "generated visual domain", "choices": sorted(DOMAINS)})
+    preset: str = field(default="demo", metadata={
+        "help": "'demo': full size (a few minutes on 2 cores); 'fast': the test suite's (≈ 20–30 s)",
+        "choices": sorted(PRESETS)})
+    seed: int = field(default=0, metadata={"help": "seed of the data, the models and the training"})
+
+
+@dataclass
+class DemoRuntime:
+    """How the demo runs (not part of what it makes)."""
+
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads (default: torch's; 1 is much faster on an oversubscribed machine)"})
 
 
 def run(config: DemoConfig) -> dict:
@@ -88,11 +100,11 @@ def run(config: DemoConfig) -> dict:
                    summary["models"]["old"]["fingerprint"], data["train"])
     adapter = step("fit", fit, write_fit_config(output, references, data, gallery, XBT_SIZES[config.preset],
                                                 config.seed), accelerator)
-    step("eval", eval_cli.main, ["--old", references["old"], "--new", references["new"], "--adapter", str(adapter),
-                                 "--projection", f"stage1={adapter.parent.parent / 'stage1'}",
-                                 *[f"--projection={name}={adapter.parent.parent / 'stage1' / 'baselines' / name}"
-                                   for name in ("procrustes", "ridge")],
-                                 "--eval-set", str(data["test"]), "--output", str(output / "eval")])
+    stage1 = adapter.parent.parent / "stage1"
+    step("eval", eval_cli.main, ["--old_model", references["old"], "--new_model", references["new"],
+                                 "--adapter", str(adapter), "--baselines", f"stage1={stage1}",
+                                 *[f"{name}={stage1 / 'baselines' / name}" for name in ("procrustes", "ridge")],
+                                 "--eval_set", str(data["test"]), "--output_dir", str(output / "eval")])
     metrics = json.loads((output / "eval" / "metrics.json").read_text())
     summary["compatibility"] = {f"{c['direction']} {c['name']}": {"recall": c["recall"], "compatible": c["compatible"],
                                                                   "gap_recovered": c["gap_recovered"]}
@@ -158,18 +170,9 @@ def _print_summary(summary: dict, output: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xbt demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=DemoConfig.output, help="folder for data, models and results")
-    parser.add_argument("--domain", default=DemoConfig.domain, choices=sorted(DOMAINS), help="generated visual domain")
-    parser.add_argument("--preset", default=DemoConfig.preset, choices=sorted(PRESETS),
-                        help="'demo': full size (a few minutes on 2 cores); 'fast': the test suite's (≈ 20–30 s)")
-    parser.add_argument("--seed", type=int, default=DemoConfig.seed)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's; 1 is much faster on an oversubscribed machine)")
-    options = parser.parse_args(argv)
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    summary = run(DemoConfig(output=options.output, domain=options.domain, preset=options.preset, seed=options.seed))
-    _print_summary(summary, options.output)
+    config, runtime = parse_configs([DemoConfig, DemoRuntime], argv or [], prog="xbt demo", description=__doc__)
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    summary = run(config)
+    _print_summary(summary, config.output)
     return 0
