@@ -687,7 +687,7 @@ def _shard_vectors(folder: Path, files: Sequence[str]) -> np.ndarray:
 def embed(config: EmbedConfig) -> Path:
     """Run ``xbt embed``; returns the output folder (rank 0 has written its manifest when this returns)."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object, parse_flag_from_env
 
     from . import __version__
 
@@ -697,7 +697,8 @@ def embed(config: EmbedConfig) -> Path:
         raise _too_many_bad(items.skipped, items.total, config.max_bad_fraction)
     if not len(items):
         raise InputError(f"{items.description} holds no usable item.")
-    state = PartialState(cpu=config.cpu)
+    # Accelerator reads ACCELERATE_USE_CPU (what `accelerate launch --cpu` sets); PartialState alone does not.
+    state = PartialState(cpu=config.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     encoder = load_encoder(config.model, device=state.device, merge=config.merge)
     target = resolve_target(config, encoder, items)
     run_key = {"model_id": encoder.model_id, "space_id": encoder.space_id, "modality": config.modality,
