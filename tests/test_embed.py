@@ -138,6 +138,23 @@ def test_tar_shards_are_read_by_dataloader_workers_with_sample_keys_as_ids(tiny_
     vectors, ids, _ = read_embeddings_dir(out)
     assert ids == [f"s{i:03d}" for i in range(6)]
     np.testing.assert_allclose(vectors, load_backbone(ref).encode_image(images).numpy(), atol=1e-6)
+    texts = embed("--model", ref, "--source", str(tmp_path / "shards"), "--modality", "text",
+                  "--output_dir", str(tmp_path / "texts"))
+    assert read_embeddings_dir(texts)[1] == [f"s{i:03d}#0" for i in range(6)]
+
+
+def test_an_image_table_is_read_through_the_pair_reader_with_row_ids(tiny_refs, tmp_path):
+    import datasets
+
+    ref = tiny_refs["open_clip"]
+    paths = write_images(tmp_path / "raw", ["a.png", "b.png", "c.png"])
+    table = datasets.Dataset.from_dict({"image": [str(p) for p in paths], "caption": ["x", "y", "z"]})
+    table.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "table")
+    out = embed("--model", ref, "--source", str(tmp_path / "table"), "--modality", "image",
+                "--output_dir", str(tmp_path / "out"))
+    vectors, ids, manifest = read_embeddings_dir(out)
+    assert ids == ["0", "1", "2"] and manifest["parts"][0]["format"] == "disk"
+    np.testing.assert_allclose(vectors, load_backbone(ref).encode_image(paths).numpy(), atol=1e-6)
 
 
 def test_an_adapter_writes_merged_vectors_into_its_target_space(adapter, tmp_path):

@@ -55,9 +55,9 @@ from typing import Any
 import numpy as np
 
 from .config import parse_configs
-from .data.examples import CORRUPT, MISSING, BadExample, classify
+from .data.examples import MISSING, BadExample, classify
 from .data.packed import PackedStrings
-from .data.webdataset import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, find_shards, image_extension, iter_samples
+from .data.webdataset import IMAGE_EXTENSIONS, find_shards, image_extension, iter_samples
 from .embed_config import EmbedConfig
 from .errors import FingerprintMismatchError, InputError, XBTError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_unique_ids
