@@ -57,7 +57,6 @@ import numpy as np
 from .config import parse_configs
 from .data.examples import MISSING, BadExample, classify
 from .data.packed import PackedStrings
-from .data.webdataset import IMAGE_EXTENSIONS, find_shards, image_extension, iter_samples
 from .embed_config import EmbedConfig
 from .errors import FingerprintMismatchError, InputError, XBTError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_unique_ids
@@ -208,6 +207,8 @@ def source_format(config: EmbedConfig) -> str:
 
 def _image_files(root: Path) -> list[str]:
     """Image files under ``root`` (recursively) as sorted relative POSIX paths."""
+    from .data.webdataset import IMAGE_EXTENSIONS
+
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                   if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS)
 
@@ -240,6 +241,7 @@ def _open_lines(path: Path) -> Items:
 
 def _open_image_folder(root: Path) -> Items:
     from .data.pairs import FolderImages
+    from .data.webdataset import IMAGE_EXTENSIONS
 
     if not root.is_dir():
         raise InputError(f"Image folder {str(root)!r} does not exist.")
@@ -251,6 +253,8 @@ def _open_image_folder(root: Path) -> Items:
 
 
 def _open_tar_images(spec: str) -> Items:
+    from .data.webdataset import find_shards, image_extension, iter_samples
+
     shards = find_shards(spec)
     ids, names, shard_of, skipped = [], [], [], []
     for number, shard in enumerate(shards):
