@@ -5,7 +5,7 @@ Takes the same flags as `xbt train`, or one YAML/JSON config file.
 
 import sys
 
-from xbt.train.pair_stage import main
+from xbt.train.commands import script_main, train
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("train_adapter", train))

@@ -47,22 +47,15 @@ CAPTIONS = "".join(f"a caption number {i}\n" for i in range(20))
 VECTORS = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)  # six stored 8-d embeddings
 
 
-def needs(owner: str) -> pytest.MarkDecorator:
-    """A row whose check another part of issue 9 implements; strict, so it is flipped once that part is merged."""
-    return pytest.mark.xfail(strict=True, reason=f"needs {owner}")
-
-
 ROWS = [
     # (argv, files written into tmp first, fragments the one error line must hold)
     pytest.param(["pretrain-text", *PRETRAIN[1:], "--kind", "quadratic"], {"captions.txt": CAPTIONS},
                  ["kind", "'quadratic'"], id="unknown-psi-kind"),
     pytest.param([*TRAIN, "--lora_rank", "0"], {}, ["lora_rank", "0"], id="lora-rank-0"),
     pytest.param([*PRETRAIN, "--learning_rate", "-0.001"], {"captions.txt": CAPTIONS}, ["learning_rate", "-0.001"],
-                 id="negative-learning-rate", marks=needs("engine: run config checks learning_rate")),
-    pytest.param([*TRAIN, "--max_steps", "-1"], {}, ["max_steps", "-1"], id="max-steps-negative",
-                 marks=needs("engine: message names the value")),
-    pytest.param([*TRAIN, "--mixed_precision", "fp12"], {}, ["mixed_precision", "'fp12'"], id="mixed-precision-unknown",
-                 marks=needs("engine: mixed_precision choices")),
+                 id="negative-learning-rate"),
+    pytest.param([*TRAIN, "--max_steps", "-1"], {}, ["max_steps", "-1"], id="max-steps-negative"),
+    pytest.param([*TRAIN, "--mixed_precision", "fp12"], {}, ["mixed_precision", "'fp12'"], id="mixed-precision-unknown"),
     pytest.param(["pretrain-text", "--config", "{tmp}/stage1.yaml"], {"stage1.yaml": {"learning_rat": 0.1}},
                  ["stage1.yaml", "'learning_rat'", "learning_rate"], id="yaml-unknown-key"),
     pytest.param(["eval", "--config", "{tmp}/eval.yaml"], {"eval.yaml": {"gallery_size": 3}},
@@ -101,18 +94,15 @@ ROWS = [
                  ["nowhere", "does not exist"], id="eval-set-folder-missing"),
     pytest.param(["fit", "{tmp}/fit.yaml"], {"fit.yaml": {**FIT_FILE, "stage2": {"source": "{tmp}/pairs",
                                                                                  "max_stepz": 3}}},
-                 ["stage2", "'max_stepz'"], id="fit-unknown-section-key",
-                 marks=needs("engine: xbt fit validates sections before loading models")),
+                 ["stage2", "'max_stepz'"], id="fit-unknown-section-key"),
     pytest.param(["fit", "{tmp}/fit.yaml", "--stage2.nonexistent", "3"], {"fit.yaml": FIT_FILE},
-                 ["stage2", "'nonexistent'"], id="fit-dotted-override-unknown-key",
-                 marks=needs("engine: xbt fit dotted overrides")),
+                 ["stage2", "'nonexistent'"], id="fit-dotted-override-unknown-key"),
     pytest.param(["fit", "{tmp}/fit.yaml"], {"fit.yaml": "- a list\n"}, ["fit.yaml", "mapping"],
                  id="fit-file-not-a-mapping"),
     pytest.param(["push", "--adapter_dir", "{tmp}/no_adapter", "--repo_id", "org/repo"], {}, ["no_adapter", "does not exist"],
                  id="push-adapter-missing"),
     pytest.param(["push", "--adapter_dir", "{tmp}/no_adapter", "--repo_id", "org/repo", "--bogus"], {}, ["--bogus"], id="push-unknown-flag"),
-    pytest.param(["info", "foo:bar", "--device_map", "x"], {}, ["--device_map"], id="info-unknown-flag",
-                 marks=needs("backbones: info parsed by parse_configs")),
+    pytest.param(["info", "foo:bar", "--device_map", "x"], {}, ["--device_map"], id="info-unknown-flag"),
     pytest.param(["trian"], {}, ["'trian'", "train"], id="unknown-command"),
 ]
 
@@ -186,17 +176,8 @@ PROBE = ("import json, runpy, sys\n"
          "except SystemExit as exit:\n"
          "    code = exit.code\n"
          "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules}), file=sys.stderr)\n")
-STILL_IMPORT_TORCH = {  # command -> owner who moves its configs into a torch-free module
-    "demo": "demo: xbt/demo/run.py imports torch, backbones, eval_cli and train.fit at module level",
-    "train": "engine: train/pair_stage.py configs in a torch-free module",
-    "pretrain-text": "engine: train/text_stage.py configs in a torch-free module",
-    "fit": "engine: train/fit.py imports the stages at module level",
-    "check-pairs": "data: PairDataConfig in a torch-free module (xbt/data/pairs.py imports torch)",
-}
 HELP_ROWS = [pytest.param(["--help"], id="xbt --help"), pytest.param(["--version"], id="xbt --version")] + [
-    pytest.param([name, "--help"], id=f"xbt {name} --help",
-                 marks=[needs(STILL_IMPORT_TORCH[name])] if name in STILL_IMPORT_TORCH else [])
-    for name in COMMANDS]
+    pytest.param([name, "--help"], id=f"xbt {name} --help") for name in COMMANDS]
 
 
 @pytest.mark.parametrize("args", HELP_ROWS)

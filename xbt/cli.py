@@ -31,11 +31,12 @@ from .errors import XBTError
 # name -> (module:function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("xbt.commands:info", "load a model reference and print its dims, fingerprint and LoRA targets"),
-    "demo": ("xbt.demo.run:main", "run the embedded default end to end on generated data and tiny models"),
+    "demo": ("xbt.demo.command:main", "run the embedded default end to end on generated data and tiny models"),
     "eval": ("xbt.eval_cli:main", "cross-model retrieval matrix, backfill curve and report (faiss)"),
-    "train": ("xbt.train.pair_stage:run", "stage 2: train LoRA adapters + ψ on image-text pairs (accelerate-ready)"),
-    "pretrain-text": ("xbt.train.text_stage:run", "stage 1: train the projection ψ (new → old text space) from cached caption embeddings"),
+    "train": ("xbt.train.commands:train", "stage 2: train LoRA adapters + ψ on image-text pairs (accelerate-ready)"),
+    "pretrain-text": ("xbt.train.commands:pretrain_text", "stage 1: train the projection ψ (new → old text space) from cached caption embeddings"),
     "fit": ("xbt.train.fit:run", "the whole training from one config file: cache, stage 1, stage 2 (done steps skipped)"),
+    "embed": ("xbt.embed:run", "encode images or texts into a space (old, native model, xbt: adapter) as sharded safetensors + faiss"),
     "export": ("xbt.export:run", "write an adapter as a standalone checkpoint (LoRA merged, ψ folded) or ONNX"),
     "push": ("xbt.hub:push_command", "publish an adapter directory (with model card and eval) to the Hugging Face Hub"),
     "check-pairs": ("xbt.data.check:main", "decode every image of an image-text source once and report bad files"),

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .config import parse_configs
+
+
+@dataclass
+class InfoConfig:
+    """What ``xbt info`` loads."""
+
+    reference: str = field(metadata={"positional": True,
+                                     "help": "model reference, e.g. open_clip:ViT-B-32/openai, hf:/path/to/model"})
+    device: str = field(default="cpu", metadata={"help": "device to load the model on"})
 
 
 def info(argv: Sequence[str]) -> int:
     """``xbt info REFERENCE``: load a model and print what xbt knows about it, as JSON."""
-    parser = argparse.ArgumentParser(prog="xbt info", description=info.__doc__)
-    parser.add_argument("reference", help="e.g. open_clip:ViT-B-32/openai or hf:/path/to/model")
-    parser.add_argument("--device", default="cpu")
-    options = parser.parse_args(argv)
+    (options,) = parse_configs([InfoConfig], argv, prog="xbt info", description=info.__doc__)
 
     from .backbones import load_backbone
 

@@ -63,7 +63,8 @@ class EvalArguments:
                 "(any strings); default: the image file names (folders) or row numbers (tables)"})
     split: str = field(default="test", metadata={"help": "split of a Hub or save_to_disk evaluation set"})
     galleries: list[str] = field(default_factory=list, metadata={
-        "help": "stored galleries as SPACE=FILE (.npy, .safetensors, .faiss/.index), e.g. old=prod/gallery.faiss; "
+        "help": "stored galleries as SPACE=FILE (an xbt embed folder, .npy, .safetensors, .faiss/.index), e.g. "
+                "old=prod/gallery.faiss; "
                 "space-separated after one --galleries"})
     gallery_ids: str | None = field(default=None, metadata={
         "help": "ids of the stored galleries' rows: a text file with one id per line (file names, UUIDs, "
@@ -145,7 +146,7 @@ def model_spaces(args: EvalArguments) -> list:
 
         model = XBTModel.from_pretrained(args.adapter, backbone=new_encoder, device=args.device)
         check_same_space(old.space_id, model.space_id, f"The adapter {args.adapter!r} (--adapter)",
-                         f"Pass the --old_model it was trained against.")
+                         "Pass the --old_model it was trained against.")
         # LoRA now sits in the new backbone; its native space is the same model with the adapters off.
         new = native_space(NEW, model, {"reference": str(new_encoder.reference)})
         adapter = adapter_space(XBT, model, {"adapter": str(args.adapter)})

@@ -420,17 +420,22 @@ def _read_faiss(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 def load_embeddings(path: str | Path, ids: str | Path | None = None, mmap: bool = True) -> Labeled:
     """Read stored embeddings with their ids (strings) and, when the file records it, their space id.
 
-    ``.npy`` (memory-mapped), ``.safetensors`` (tensor ``embeddings``, optional integer tensor ``ids``,
+    An ``xbt embed`` output folder (its shards, ids and the manifest's space id), ``.npy`` (memory-mapped), ``.safetensors`` (tensor ``embeddings``, optional integer tensor ``ids``,
     optional metadata ``space_id``) or a faiss index (``.faiss``/``.index``; ids from an ``IndexIDMap``).
     ``ids`` names a separate ids file (read by :func:`xbt.io.read_ids`: one id per line, or a 1-D
     ``.npy``) and overrides stored ids; without any, ids are the row numbers. Vectors are validated
     (finite, non-zero) here, once: the returned :class:`Labeled` is not validated again.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"Embeddings file {str(path)!r} does not exist.")
     stored_ids, space_id = None, None
-    if path.suffix == ".npy":
+    if path.is_dir():
+        from .embed import read_embeddings_dir
+
+        vectors, stored_ids, manifest = read_embeddings_dir(path)
+        stored_ids, space_id = np.asarray(stored_ids, dtype=str), manifest["space_id"]
+    elif not path.is_file():
+        raise InputError(f"Embeddings file {str(path)!r} does not exist.")
+    elif path.suffix == ".npy":
         vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     elif path.suffix == ".safetensors":
         from safetensors import safe_open

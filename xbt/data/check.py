@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..config import parse_configs
-from .pairs import PairDataConfig, make_pair_loader, open_pairs
-from .quality import DataQuality
+from .config import PairDataConfig
+
+if TYPE_CHECKING:
+    from .quality import DataQuality
 
 
 def scan(config: PairDataConfig) -> DataQuality:
     """Decode every example of ``config``'s source once; returns the counts (does not raise for the fraction)."""
     from tqdm import tqdm  # imported late: the console script may switch its bars off first
+
+    from .pairs import make_pair_loader, open_pairs
 
     source = open_pairs(config)
     quality = source.new_quality()

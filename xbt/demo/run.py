@@ -1,72 +1,33 @@
-"""``xbt demo``: the embedded default, end to end on generated data and tiny models.
-
-Nothing is downloaded. The demo is a sequence of steps, each cached in the output
-folder (a step whose output exists with the same configuration is skipped):
-
-1. data     generated image–caption benchmark: DIR/data/{train,test}/ + corpus.txt
-2. old      a small OLD CLIP (open_clip) trained from scratch: DIR/models/old
-3. new      a bigger NEW CLIP (transformers) trained longer:   DIR/models/new
-4. evaluate old→old and new→new Recall@K on the test split, both directions
-5. gallery  the OLD model's embeddings of the training images: DIR/gallery/ (what a
-            deployed service already stores; the old image encoder is not run again)
-6. fit      `xbt fit DIR/fit.yaml`: caption cache, stage 1 (ψ from captions), stage 2
-            (gallery-aware LoRA on the new model): DIR/xbt/stage2/adapter
-7. eval     `xbt eval` of old, new, the adapter (plain and blended with the old text
-            encoder), stage-1 ψ and the training-free baselines: DIR/eval/
-
-and writes DIR/summary.json.
-"""
+"""The demo's steps (see :mod:`xbt.demo.command` for what they are and the options)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from .. import eval_cli
 from ..backbones import load_backbone
-from ..config import parse_configs
 from ..io import atomic_write_text
 from ..train import engine
 from ..train.config import FitConfig
 from ..train.fit import config_from, fit
 from ..train.records import digest, run_step
+from .command import PRESET_NAMES, DemoConfig
 from .pretrain import DEMO, FAST, make_preset, train_model
 from .quality import DIRECTIONS, evaluate_model
-from .scenes import DOMAINS, read_split, write_benchmark
+from .scenes import read_split, write_benchmark
 
 logger = logging.getLogger(__name__)
 
-PRESETS = {"demo": DEMO, "fast": FAST}
+PRESETS = dict(zip(PRESET_NAMES, (DEMO, FAST), strict=True))
 # Training lengths of the two XBT stages per preset (stage 2 on a subset of pairs, as XBT intends).
 XBT_SIZES = {"demo": {"stage1_epochs": 4, "stage2_steps": 400}, "fast": {"stage1_epochs": 2, "stage2_steps": 60}}
-
-
-@dataclass
-class DemoConfig:
-    """What the demo generates and trains."""
-
-    output: str = field(default="runs/demo", metadata={"help": "folder for data, models and results"})
-    domain: str = field(default="shapes", metadata={"help": "generated visual domain", "choices": sorted(DOMAINS)})
-    preset: str = field(default="demo", metadata={
-        "help": "'demo': full size (a few minutes on 2 cores); 'fast': the test suite's (≈ 20–30 s)",
-        "choices": sorted(PRESETS)})
-    seed: int = field(default=0, metadata={"help": "seed of the data, the models and the training"})
-
-
-@dataclass
-class DemoRuntime:
-    """How the demo runs (not part of what it makes)."""
-
-    threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads (default: torch's; 1 is much faster on an oversubscribed machine)"})
 
 
 def run(config: DemoConfig) -> dict:
@@ -145,7 +106,7 @@ def write_fit_config(output: Path, references: dict[str, str], data: dict[str, P
     return config_from(path)
 
 
-def _print_summary(summary: dict, output: str) -> None:
+def print_summary(summary: dict, output: str) -> None:
     for role, info in summary["models"].items():
         print(f"{role:>4}: {info['reference']}")
         print(f"      {info['parameters']:,} parameters, fingerprint {info['fingerprint']}")
@@ -167,12 +128,3 @@ def _print_summary(summary: dict, output: str) -> None:
         print(f"adapter: {summary['adapter']}")
     print("\nseconds per step: " + ", ".join(f"{name} {value}" for name, value in summary["seconds"].items()))
     print(f"summary: {Path(output) / 'summary.json'}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    config, runtime = parse_configs([DemoConfig, DemoRuntime], argv or [], prog="xbt demo", description=__doc__)
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
-    summary = run(config)
-    _print_summary(summary, config.output)
-    return 0

@@ -174,43 +174,11 @@ def fit(config: FitConfig | FitPlan, accelerator=None) -> Path:
     return adapter_dir
 
 
-def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``values`` with ``--key value`` / ``--section.key=value`` overrides applied (values parsed as YAML)."""
-    import yaml
-
-    values = {name: dict(value) if isinstance(value, dict) else value for name, value in values.items()}
-    items = list(overrides)
-    while items:
-        flag = items.pop(0)
-        if not flag.startswith("--") or len(flag) == 2:
-            raise InputError(f"Override {flag!r}: expected --KEY VALUE or --SECTION.KEY VALUE "
-                             f"(e.g. --stage2.max_steps 3).")
-        name, equals, text = flag[2:].partition("=")
-        if not equals:
-            if not items:
-                raise InputError(f"Override {flag}: no value given.")
-            text = items.pop(0)
-        value = yaml.safe_load(text)
-        section, dot, key = name.rpartition(".")
-        if not dot:
-            values[name] = value
-            continue
-        if "." in section:
-            raise InputError(f"Override {flag}: one level of sections only (e.g. --stage2.max_steps).")
-        if section not in ("cache", "stage1", "stage2"):
-            raise InputError(f"Override {flag}: unknown section {section!r}; allowed: cache, stage1, stage2.")
-        target = values.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise InputError(f"Section {section}: got {target!r}; allowed: a mapping of option names to values.")
-        target[key] = value
-    return values
-
-
 def config_from(path: str | Path, overrides: Sequence[str] = ()) -> FitConfig:
     """The :class:`FitConfig` of a fit file with command-line ``overrides`` applied."""
-    from ..config import read_config_file
+    from ..config import apply_dotted_overrides, read_config_file
 
-    values = apply_overrides(read_config_file(path), overrides)
+    values = apply_dotted_overrides(read_config_file(path), overrides)
     allowed = [f.name for f in dataclasses.fields(FitConfig)]
     unknown = sorted(set(values) - set(allowed))
     if unknown:
@@ -224,16 +192,15 @@ def config_from(path: str | Path, overrides: Sequence[str] = ()) -> FitConfig:
 
 def run(argv: Sequence[str]) -> int:
     """``xbt fit CONFIG [--section.key VALUE ...]``: cache -> stage 1 -> stage 2; prints the adapter folder."""
-    import argparse
+    from ..config import CommandParser
 
-    from . import engine
-
-    parser = argparse.ArgumentParser(prog="xbt fit", description=__doc__.split("\n\n")[0],
+    parser = CommandParser(prog="xbt fit", description=__doc__.split("\n\n")[0],
                                      epilog="Overrides: --KEY VALUE or --SECTION.KEY VALUE (values read as YAML), "
                                             "e.g. --stage2.max_steps 3 --run_dir runs/try.")
     parser.add_argument("config", help="YAML or JSON file (see the module documentation for its layout)")
     options, overrides = parser.parse_known_args(list(argv))
     checked = plan(config_from(options.config, overrides))  # everything checked before anything loads
+    from . import engine
 
     def body() -> int:
         accelerator = engine.make_accelerator(cpu=checked.config.cpu)

@@ -45,7 +45,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import parse_configs
 from ..data.config import CacheConfig, PairDataConfig, PairSourceConfig
 from ..data.pairs import iter_captions, make_pair_loader, open_pairs, set_loader_epoch
 from ..errors import InputError, XBTError
@@ -54,7 +53,7 @@ from ..adapter_config import AdapterConfig
 from ..model import XBTModel
 from ..projection import Projection
 from . import engine
-from .config import AcceleratorConfig, PairStageConfig
+from .config import PairStageConfig
 from .distributed import gather_rows
 from .engine import TrainingDivergedError, seed_everything
 from .targets import OldSpaceTargets, build_targets, old_text_source
@@ -62,7 +61,7 @@ from .targets import OldSpaceTargets, build_targets, old_text_source
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-__all__ = ["PairTask", "TrainingDivergedError", "train", "run"]
+__all__ = ["PairTask", "TrainingDivergedError", "train"]
 
 
 def provided_by(config: PairStageConfig) -> frozenset[str]:
@@ -293,36 +292,3 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.set_grad_checkpointing(True)
     else:
         raise InputError(f"{type(model).__name__} offers no gradient checkpointing; drop --gradient_checkpointing.")
-
-
-# ---------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------
-CONFIG_TYPES = (PairStageConfig, PairSourceConfig, AdapterConfig, CacheConfig, AcceleratorConfig)
-
-
-def run(argv: list[str] | None = None) -> int:
-    """``xbt train``: parse flags and/or ``--config FILE`` (YAML/JSON), train, print the adapter folder."""
-    config, data, adapter, cache, device = parse_configs(
-        CONFIG_TYPES, argv or [], prog="xbt train", description="Stage 2: train LoRA adapters + ψ on image-text pairs.")
-
-    def body() -> int:
-        accelerator = engine.make_accelerator(cpu=device.cpu)
-        folder = train(config, data, accelerator, adapter, cache)
-        if accelerator.is_main_process:
-            print(folder)
-        return 0
-
-    return engine.run_entry_point(body)
-
-
-def main() -> int:
-    """Entry point of ``scripts/train_adapter.py`` (plain python or ``accelerate launch``)."""
-    import sys
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run(sys.argv[1:])
-    except XBTError as error:
-        print(f"train_adapter: error: {error}", file=sys.stderr)
-        return 2

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +36,6 @@ from torch import nn
 
 from ..baselines import fit_baseline
 from ..cache import EmbeddingCache, build_cache, text_source
-from ..config import parse_configs
 from ..data.captions import load_captions, split_indices
 from ..data.config import CacheConfig, CaptionConfig
 from ..errors import InputError
@@ -48,7 +46,7 @@ from ..projection import Projection
 from ..retrieval import Labeled, recall_at_k
 from . import engine
 from .checkpoints import resolve_resume
-from .config import AcceleratorConfig, ModelPairConfig, TextStageConfig
+from .config import ModelPairConfig, TextStageConfig
 from .distributed import gather_rows
 from .engine import seed_everything
 
@@ -301,22 +299,3 @@ def pretrain_text(captions: CaptionConfig, cache_config: CacheConfig, models: Mo
         del sources
     train_indices, validation_indices = split_indices(cache.count, captions.validation_size, captions.split_seed)
     return train_text_stage(cache, train_indices, validation_indices, stage, accelerator, projection)
-
-
-CONFIGS = (CaptionConfig, CacheConfig, ModelPairConfig, ProjectionConfig, TextStageConfig, AcceleratorConfig)
-
-
-def run(argv: Sequence[str]) -> int:
-    """``xbt pretrain-text``: train ψ from the new model's text space into the old one's, on captions alone."""
-    captions, cache, models, projection, stage, device = parse_configs(
-        CONFIGS, argv, prog="xbt pretrain-text", description=run.__doc__)
-
-    def body() -> int:
-        accelerator = engine.make_accelerator(cpu=device.cpu)
-        summary = pretrain_text(captions, cache, models, projection, stage, accelerator)
-        if accelerator.is_main_process:
-            print(json.dumps({"output_dir": stage.output_dir, "untrained": summary["untrained"],
-                              "validation": summary["validation"], "baselines": summary["baselines"]}, indent=2))
-        return 0
-
-    return engine.run_entry_point(body)
