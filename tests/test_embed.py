@@ -60,7 +60,7 @@ def adapter(tmp_path_factory, tiny_refs) -> tuple[Path, str]:
     torch.manual_seed(0)
     psi = Projection.build(new.dim, old.dim, ProjectionConfig(kind="linear"), source_space=new.space_id,
                            target_space=old.space_id)
-    model = XBTModel(new, psi, old_reference=old_ref, old_fingerprint=old.fingerprint)
+    model = XBTModel(new, psi, old_reference=old_ref, old_model_id=old.model_id)
     with torch.no_grad():
         for parameter in model.lora_parameters():
             parameter.normal_(0, 0.05)

@@ -129,8 +129,8 @@ def test_fit_file_errors_through_the_console_script(config_values, tmp_path, cap
         ({**config_values, "epochs": 3}, [], r"unknown key(s) ['epochs'] at the top level; allowed keys:"),
         ("- a\n- list\n", [], "must hold one mapping"),
         (None, [], "does not exist"),
-        (config_values, ["--stage3.max_steps", "1"], "unknown section 'stage3'"),
-        (config_values, ["--stage2.max_steps"], "--stage2.max_steps: no value given"),
+        (config_values, ["--stage3.max_steps", "1"], "unknown key(s) ['stage3'] at the top level"),
+        (config_values, ["--stage2.max_steps"], "option --stage2.max_steps expects a value"),
         ({k: v for k, v in config_values.items() if k != "run_dir"}, [], "missing key(s) ['run_dir']"),
     ]
     for number, (content, overrides, message) in enumerate(rows):

@@ -209,7 +209,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_p
     assert single.returncode == 0, single.stderr[-3000:]
     launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    double = subprocess.run([*launch, *_script(setup, tmp_path / "two", *steps, "--batch_size", "4")],
+    double = subprocess.run([*launch, *_script(setup, tmp_path / "two", *steps, "--batch_size", "8")],  # global
                             env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
                             timeout=600)
     assert double.returncode == 0, double.stderr[-3000:]

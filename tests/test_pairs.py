@@ -146,7 +146,7 @@ def test_opening_reports_what_is_wrong(tmp_path):
     (root / "metadata.jsonl").write_text("{broken json")
     with pytest.raises(InputError, match="Cannot read"):
         open_pairs(PairDataConfig(source=str(root)))
-    with pytest.raises(InputError, match="Unknown pair data format"):
+    with pytest.raises(InputError, match="unknown pair data format"):
         PairDataConfig(source=str(root), format="zip")
     with pytest.raises(InputError, match="does not exist"):
         detect_format(str(tmp_path / "shards-*.tar"))
