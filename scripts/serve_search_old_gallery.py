@@ -116,6 +116,8 @@ def main() -> None:
     encoders = {"xbt→old": adapter}
     if args.old_model:
         encoders = {"old→old": load_backbone(args.old_model), **encoders}
+    rows = {label: row for row, label in enumerate(image_gallery.labels)}
+    matching_images = np.asarray(image_gallery.vectors)[[rows[name] for name in image_ids]]  # the image of each id
     report: dict = {"recall": {}, "score_scale": {}, "threshold": {}}
     scales = {}
     for cell, encoder in encoders.items():
@@ -125,9 +127,7 @@ def main() -> None:
             "text→image": recall_at_k(text_queries, caption_ids, image_gallery.vectors, image_gallery.labels),
             "image→text": recall_at_k(image_queries, image_ids, text_gallery.vectors, text_gallery_images),
         }
-        gallery_rows = {label: row for row, label in enumerate(image_gallery.labels)}
-        gallery_images = np.asarray(image_gallery.vectors)[[gallery_rows[name] for name in image_ids]]
-        scales[cell] = score_scale(text_queries, caption_ids, gallery_images, image_ids)
+        scales[cell] = score_scale(text_queries, caption_ids, matching_images, image_ids)
         report["score_scale"][cell] = scales[cell]["summary"]
 
     print("Recall@K (%) against the old gallery:")

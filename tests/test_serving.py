@@ -179,12 +179,13 @@ def qdrant_client():
 
 
 def test_qdrant_the_adapter_writes_into_the_live_collection_then_a_backfill_and_an_alias_swap(qdrant_client, served,
-                                                                                              tmp_path):
+                                                                                              tiny_refs, tmp_path):
     db = str(tmp_path / "db")
 
-    def step(*args: str) -> dict:
-        script("serve_qdrant.py", "--qdrant", db, "--output_json", str(tmp_path / "step.json"), *args)
-        return json.loads((tmp_path / "step.json").read_text())
+    def step(*args: str, check: bool = True) -> dict | subprocess.CompletedProcess:
+        done = script("serve_qdrant.py", "--qdrant", db, "--output_json", str(tmp_path / "step.json"), *args,
+                      check=check)
+        return json.loads((tmp_path / "step.json").read_text()) if check else done
 
     def points(collection: str) -> dict[str, tuple[np.ndarray, str]]:
         client = qdrant_client.QdrantClient(path=db)  # local mode: one client at a time, closed before the next step
@@ -245,3 +246,13 @@ def test_qdrant_the_adapter_writes_into_the_live_collection_then_a_backfill_and_
     assert [h["score"] for h in after["results"][0]["hits"]] == pytest.approx(
         [float(backfill[h["item_id"]][0] @ native) for h in after["results"][0]["hits"]], abs=1e-4)
     assert len(points("gallery_v1")) == len(rows)  # the old collection stays for a rollback (swap back)
+
+    # A collection of another model's space: the adapter refuses to write into it, naming both spaces.
+    foreign = xbt_embed(tiny_refs["open_clip"], served["new_items"], "image", tmp_path / "foreign")
+    step("create", "--collection", "foreign", "--alias", "other", "--vectors", str(foreign))
+    refused = step("add", "--alias", "other", "--adapter", served["adapter"], "--images", str(served["new_items"]),
+                   check=False)
+    message = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode != 0 and message.startswith("serve_qdrant: error:")
+    assert load_backbone(tiny_refs["open_clip"]).space_id in message and adapter.space_id in message
+    assert len(points("foreign")) == len(rows) - OLD_ITEMS  # nothing written
