@@ -53,7 +53,7 @@ def build(root: Path, images: int, side: int) -> tuple[Path, Path]:
     torch.manual_seed(0)
     psi = Projection.build(new.dim, old.dim, ProjectionConfig(kind="linear"), source_space=new.space_id,
                            target_space=old.space_id)
-    model = XBTModel(new, psi, old_reference=old_ref, old_fingerprint=old.fingerprint)
+    model = XBTModel(new, psi, old_reference=old_ref, old_model_id=old.model_id)
     with torch.no_grad():
         for parameter in model.lora_parameters():
             parameter.normal_(0, 0.02)
