@@ -34,11 +34,10 @@ import json
 import sys
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from xbt import XBTError, XBTModel, load_backbone
-from xbt.retrieval import load_embeddings
+from xbt.retrieval import Labeled, load_embeddings, recall_at_k
 from xbt.spaces import check_same_space
 
 KS = (1, 5, 10)
@@ -54,16 +53,6 @@ def read_queries(folder: Path) -> tuple[list[Path], list[str], list[str], list[s
         captions += texts
         caption_ids += [row["file_name"]] * len(texts)
     return [folder / name for name in image_ids], image_ids, captions, caption_ids
-
-
-def recall_at_k(queries: np.ndarray, query_ids: list[str], gallery: np.ndarray, gallery_ids: np.ndarray,
-                ks=KS) -> dict[int, float]:
-    """Recall@K (%): a query hits when an item with its id ranks among the first K (exact inner product)."""
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
-    _, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), max(ks))
-    hits = gallery_ids[rows] == np.asarray(query_ids)[:, None]
-    return {k: round(100.0 * float(hits[:, :k].any(1).mean()), 2) for k in ks}
 
 
 def score_scale(captions: np.ndarray, caption_ids: list[str], images: np.ndarray, image_ids: list[str]) -> dict:
@@ -123,10 +112,11 @@ def main() -> None:
     for cell, encoder in encoders.items():
         text_queries = encoder.encode_text(captions).numpy()
         image_queries = encoder.encode_image(paths).numpy()
-        report["recall"][cell] = {
-            "text→image": recall_at_k(text_queries, caption_ids, image_gallery.vectors, image_gallery.labels),
-            "image→text": recall_at_k(image_queries, image_ids, text_gallery.vectors, text_gallery_images),
-        }
+        recall = {"text→image": recall_at_k(Labeled(text_queries, caption_ids), image_gallery, KS),
+                  "image→text": recall_at_k(Labeled(image_queries, image_ids),
+                                            Labeled(text_gallery.vectors, text_gallery_images), KS)}
+        report["recall"][cell] = {direction: {k: round(v, 2) for k, v in values.items()}
+                                  for direction, values in recall.items()}
         scales[cell] = score_scale(text_queries, caption_ids, matching_images, image_ids)
         report["score_scale"][cell] = scales[cell]["summary"]
 
