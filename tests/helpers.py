@@ -59,3 +59,22 @@ def tiny_preprocess(image: Image.Image) -> torch.Tensor:
 def read_all(loader) -> list[tuple[str, str]]:
     """(id, caption) of every example a pair loader yields, in order."""
     return [(example_id, caption) for batch in loader for example_id, caption in zip(batch["ids"], batch["captions"])]
+
+
+Z = 3.0
+"""Paired effects must clear Z standard errors of the mean difference (fixed up front, about 0.1 % one-sided)."""
+
+
+def separated(better: np.ndarray, worse: np.ndarray) -> tuple[bool, float]:
+    """Whether ``better`` exceeds ``worse`` (paired per query) by at least :data:`Z` standard errors; and that z."""
+    difference = np.asarray(better, dtype=np.float64) - np.asarray(worse, dtype=np.float64)
+    error = difference.std(ddof=1) / np.sqrt(len(difference))
+    z = float(difference.mean() / error) if error > 0 else float("inf") * np.sign(difference.mean())
+    return z >= Z, z
+
+
+def hits_at_5(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per query: 1.0 when an item of its label is among the 5 nearest of ``gallery`` (exact inner product)."""
+    from xbt.retrieval import first_hit_rank, search
+
+    return (first_hit_rank(search(queries, gallery, 5), query_labels, labels) < 5).astype(np.float64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import Z, hits_at_5, separated
 
 from xbt import load_backbone
 from xbt.baselines import fit_ridge
@@ -24,7 +25,6 @@ from xbt.data.config import CacheConfig, PairSourceConfig
 from xbt.demo.scenes import read_split
 from xbt.model import XBTModel
 from xbt.projection import Projection
-from xbt.retrieval import first_hit_rank, search
 from xbt.train.config import PairStageConfig
 from xbt.train.engine import make_accelerator
 from xbt.train.pair_stage import train
@@ -36,19 +36,6 @@ RUNS = {
     "anchored": {"loss_weights": "new_new=1,anchor=1"},
     "gallery-aware": {"gallery": True},
 }
-Z = 3.0
-
-
-def separated(better: np.ndarray, worse: np.ndarray) -> tuple[bool, float]:
-    """Whether ``better`` exceeds ``worse`` (paired per query) by at least Z standard errors; and that z."""
-    difference = np.asarray(better, dtype=np.float64) - np.asarray(worse, dtype=np.float64)
-    error = difference.std(ddof=1) / np.sqrt(len(difference))
-    z = float(difference.mean() / error) if error > 0 else float("inf") * np.sign(difference.mean())
-    return z >= Z, z
-
-
-def hits_at_5(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return (first_hit_rank(search(queries, gallery, 5), query_labels, labels) < 5).astype(np.float64)
 
 
 @pytest.fixture(scope="module")

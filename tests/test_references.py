@@ -1,6 +1,6 @@
 import pytest
 
-from xbt import ModelReferenceError, parse_reference
+from xbt import InputError, ModelReferenceError, parse_reference
 from xbt.references import BACKENDS
 
 
@@ -58,3 +58,51 @@ def test_an_unknown_prefix_is_refused_listing_every_known_prefix_and_form(text):
     message = str(caught.value)
     assert all(f"{prefix}:" in message for prefix in BACKENDS)
     assert all(repr(form) in message for forms in BACKENDS.values() for form in forms)
+
+
+@pytest.mark.parametrize("text, name, revision", [
+    ("xbt:my-org/clip-upgrade", "my-org/clip-upgrade", None),
+    ("xbt:my-org/clip-upgrade@v2.1", "my-org/clip-upgrade", "v2.1"),
+    ("xbt:my-org/clip-upgrade@refs/pr/3", "my-org/clip-upgrade", "refs/pr/3"),
+])
+def test_parses_hub_adapter_references(text, name, revision):
+    ref = parse_reference(text)
+    assert (ref.backend, ref.kind, ref.name, ref.revision, ref.is_adapter) == ("xbt", "hub", name, revision, True)
+    assert str(ref) == text and parse_reference(str(ref)) == ref
+
+
+def test_an_adapter_folder_is_a_reference_with_or_without_the_prefix(tmp_path):
+    (tmp_path / "xbt_config.json").write_text("{}")
+    prefixed, bare = parse_reference(f"xbt:{tmp_path}"), parse_reference(str(tmp_path))
+    assert prefixed == bare and (bare.kind, bare.path, bare.is_adapter) == ("local", tmp_path.resolve(), True)
+    assert not parse_reference("hf:org/model").is_adapter
+
+
+@pytest.mark.parametrize("text, words", [
+    ("xbt:", "names no adapter"),
+    ("xbt:/definitely/not/here", "does not exist"),
+    ("xbt:noslash", "ORG/REPO"),
+    ("xbt:org/repo@", "ORG/REPO"),
+    ("xbt:org/repo@bad rev", "ORG/REPO"),
+])
+def test_bad_adapter_references_say_what_is_wrong(text, words):
+    with pytest.raises(ModelReferenceError, match=words):
+        parse_reference(text)
+
+
+def test_a_folder_without_an_adapter_config_is_not_an_adapter(tmp_path):
+    with pytest.raises(ModelReferenceError, match="holds no xbt_config.json"):
+        parse_reference(f"xbt:{tmp_path}")
+
+
+def test_an_adapter_is_no_backbone_and_no_new_model(tmp_path):
+    from xbt import ModelLoadError, load_backbone
+    from xbt.train.config import FitConfig
+    from xbt.train.fit import plan
+
+    (tmp_path / "xbt_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="OLD side"):
+        load_backbone(f"xbt:{tmp_path}")
+    with pytest.raises(InputError, match="new_model: .* is an xbt adapter"):
+        plan(FitConfig(old_model="hf:org/old", new_model=f"xbt:{tmp_path}", run_dir=str(tmp_path / "run"),
+                       stage1={"captions": str(tmp_path / "corpus.txt")}, stage2={"source": str(tmp_path)}))

@@ -46,7 +46,8 @@ class EvalArguments:
 
     output_dir: str = field(metadata={"help": "folder for metrics.json, report.md and the PNG plots"})
     old_model: str | None = field(default=None, metadata={
-        "help": "old model reference (its space holds the gallery), e.g. open_clip:ViT-B-32/openai"})
+        "help": "old model reference (its space holds the gallery), e.g. open_clip:ViT-B-32/openai, or an "
+                "xbt: adapter that writes into it (a chained upgrade)"})
     new_model: str | None = field(default=None, metadata={
         "help": "new model reference (evaluated in its own space: the upper bound)"})
     adapter: str | None = field(default=None, metadata={
@@ -126,6 +127,7 @@ def named(values: Sequence[str], flag: str) -> dict[str, str]:
 def model_spaces(args: EvalArguments) -> list:
     """The spaces of the models: old, new (native), the adapter and its blend, the baselines, old-denoised."""
     from .backbones import load_backbone
+    from .encoders import load_encoder
     from .evaluation.encode import (
         adapter_space,
         blended_space,
@@ -136,9 +138,9 @@ def model_spaces(args: EvalArguments) -> list:
     )
     from .spaces import check_same_space
 
-    old_encoder = load_backbone(args.old_model, device=args.device)
+    old_encoder = load_encoder(args.old_model, device=args.device)  # a backbone, or an adapter of a chain
     new_encoder = load_backbone(args.new_model, device=args.device)
-    old = encoder_space(OLD, OLD_MODEL, old_encoder, {"reference": str(old_encoder.reference)})
+    old = encoder_space(OLD, OLD_MODEL, old_encoder, {"reference": args.old_model})
     spaces = [old]
     adapter = None
     if args.adapter is not None:

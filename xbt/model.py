@@ -278,9 +278,11 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         if self._old_encoder is None:
             if not self.old_reference:
                 raise InputError("No old model reference is recorded for this XBTModel; attach the old model "
-                                 "with use_old_encoder(load_backbone(OLD_REFERENCE)) to blend queries.")
+                                 "with use_old_encoder(load_encoder(OLD_REFERENCE)) to blend queries.")
+            from .encoders import load_encoder
+
             logger.info("Loading the old model %s for query blending", self.old_reference)
-            self.use_old_encoder(load_backbone(self.old_reference, device=self.backbone.device))
+            self.use_old_encoder(load_encoder(self.old_reference, device=self.backbone.device))
         return self._old_encoder
 
     def use_old_encoder(self, encoder: Encoder) -> None:
@@ -407,6 +409,11 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
             raise ModelLoadError(f"The weights in {folder} have identity {model.model_id}, but {CONFIG_FILE} records "
                                  f"{config['model_id']}: the adapter directory is inconsistent.")
         return model.to(backbone.device).eval()
+
+
+def read_adapter_config(location: str | Path, revision: str | None = None) -> dict[str, Any]:
+    """The checked ``xbt_config.json`` of an adapter folder or Hub repo, without loading any weights."""
+    return _read_config(_resolve_folder(str(location), revision=revision))
 
 
 def _resolve_folder(model_id: str, **download) -> Path:

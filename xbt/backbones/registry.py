@@ -77,6 +77,10 @@ def load_backbone(reference: str | ModelRef, device: str | torch.device | None =
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"``/``None`` for CUDA when available.
     """
     ref = parse_reference(reference)
+    if ref.is_adapter:
+        raise ModelLoadError(f"{ref} is an xbt adapter, not a backbone. An adapter can be the OLD side of an upgrade "
+                             f"(load it with xbt.encoders.load_encoder); the NEW model must be an hf: or open_clip: "
+                             f"backbone.")
     loader = families(ref.backend)
     if not loader:
         raise ModelLoadError(f"{ref}: no backbone family is registered for the {ref.backend!r} backend.")

@@ -130,7 +130,9 @@ class TextStageConfig(TrainConfig):
 class ModelPairConfig:
     """Stage 1's two frozen text encoders, or an existing cache that already holds their embeddings."""
 
-    old_model: str = field(default="", metadata={"help": "reference of the OLD model (the space to land in)"})
+    old_model: str = field(default="", metadata={
+        "help": "reference of the OLD model (the space to land in): a backbone, or an xbt: adapter for a chained "
+                "upgrade (its target space)"})
     new_model: str = field(default="", metadata={"help": "reference of the NEW model"})
     cache_path: str | None = field(default=None, metadata={
         "help": "train from this complete cache folder (with 'new' and 'old' text embeddings); no model is loaded"})
@@ -142,7 +144,8 @@ class PairStageConfig(TrainConfig):
     separate dataclasses."""
 
     new_model: str = field(metadata={"help": "reference of the NEW model (gets the adapters)"})
-    old_model: str = field(metadata={"help": "reference of the OLD model (its text encoder fills the caption cache)"})
+    old_model: str = field(metadata={"help": "reference of the OLD model (its text encoder fills the caption cache): a "
+                                     "backbone, or an xbt: adapter for a chained upgrade"})
     projection: str = field(metadata={"help": "folder of the stage-1 ψ (Projection.save_pretrained)"})
     output_dir: str = field(metadata={"help": "run folder: adapter/ and checkpoints/ are written here"})
     batch_size: int = field(default=64, metadata={
@@ -212,7 +215,8 @@ class FitConfig:
     itself (output folders, the models, ψ, resume) are not allowed in a section.
     """
 
-    old_model: str = field(metadata={"help": "reference of the OLD model (the space to land in)"})
+    old_model: str = field(metadata={"help": "reference of the OLD model (the space to land in): a backbone, or an "
+                                                 "xbt: adapter for a chained upgrade (its target space)"})
     new_model: str = field(metadata={"help": "reference of the NEW model"})
     run_dir: str = field(metadata={"help": "run folder: cache/, stage1/ and stage2/ go here"})
     cpu: bool = field(default=False, metadata={"help": "run on the CPU even when a GPU is present"})

@@ -128,7 +128,18 @@ def plan(config: FitConfig) -> FitPlan:
         loss_weights(stage2[0])  # a weighted term whose needs the data does not meet fails now
     except InputError as error:
         raise InputError(f"Section stage2: {error}") from error
+    check_references(config)
     return FitPlan(config, cache, stage1, stage2)
+
+
+def check_references(config: FitConfig) -> None:
+    """Both references parse (local folders exist); the new model is a backbone, the old one may be an adapter."""
+    from ..references import parse_reference
+
+    parse_reference(config.old_model)  # a backbone, or an adapter of a chained upgrade
+    if parse_reference(config.new_model).is_adapter:
+        raise InputError(f"new_model: {config.new_model!r} is an xbt adapter; the NEW model gets the LoRA adapters "
+                         f"and must be a backbone (hf: or open_clip:). An adapter can be old_model.")
 
 
 def fit(config: FitConfig | FitPlan, accelerator=None) -> Path:
@@ -137,6 +148,7 @@ def fit(config: FitConfig | FitPlan, accelerator=None) -> Path:
     ``accelerator``: the run's one when the caller has it (the demo); else made here.
     """
     from ..backbones import load_backbone
+    from ..encoders import load_encoder
     from . import engine
     from .pair_stage import ADAPTER_DIR
     from .pair_stage import train as train_pair_stage
@@ -147,9 +159,9 @@ def fit(config: FitConfig | FitPlan, accelerator=None) -> Path:
     checked = config if isinstance(config, FitPlan) else plan(config)
     config = checked.config
     accelerator = accelerator or engine.make_accelerator(cpu=config.cpu)
-    old, new = (load_backbone(reference, device=accelerator.device)
-                for reference in (config.old_model, config.new_model))
-    fingerprints = {"old": old.fingerprint, "new": new.fingerprint}
+    old = load_encoder(config.old_model, device=accelerator.device)  # a backbone or an adapter (chained upgrade)
+    new = load_backbone(config.new_model, device=accelerator.device)
+    fingerprints = {"old": old.model_id, "new": new.fingerprint}
     main = accelerator.is_main_process
 
     stage1_dir = checked.run_dir / STAGE1_DIR

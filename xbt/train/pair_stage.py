@@ -56,7 +56,7 @@ from . import engine
 from .config import PairStageConfig
 from .distributed import gather_rows
 from .engine import TrainingDivergedError, seed_everything
-from .targets import OldSpaceTargets, build_targets, old_text_source
+from .targets import OldSpaceTargets, build_targets, old_model_id, old_text_source
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,8 @@ def train(config: PairStageConfig, data: PairSourceConfig, accelerator, adapter:
 
         backbone = load_backbone(config.new_model, device=accelerator.device)
     projection = Projection.from_pretrained(config.projection)
-    model = XBTModel(backbone, projection, adapter, old_reference=config.old_model)
+    old_id = old_model_id(config.old_model, projection.target_space, old_encoder)
+    model = XBTModel(backbone, projection, adapter, old_reference=config.old_model, old_model_id=old_id)
     projection.requires_grad_(config.train_projection)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(backbone.model)
@@ -234,7 +235,7 @@ def train(config: PairStageConfig, data: PairSourceConfig, accelerator, adapter:
         listing = list(iter_captions(source))
         ids, captions = [i for i, _ in listing], [c for _, c in listing]
         position_of = {identifier: position for position, identifier in enumerate(ids)}
-        old_text = old_text_source(config.old_model, projection.target_space, projection.old_dim,
+        old_text = old_text_source(config.old_model, old_id, projection.target_space, projection.old_dim,
                                    accelerator.device, batch_size=cache.encode_batch_size, encoder=old_encoder)
         targets = build_targets(ids, captions, old_text, cache, config.old_image_embeddings, config.old_image_ids,
                                 process=accelerator).to(accelerator.device)

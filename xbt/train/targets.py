@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..backbones import load_backbone
 from ..cache import EmbeddingSource, ProcessGroup, build_cache
 from ..data.config import CacheConfig
+from ..encoders import load_encoder, recorded_model_id
 from ..errors import FingerprintMismatchError, InputError
 from ..io import read_ids
 from ..retrieval import load_embeddings
+from ..spaces import check_same_space
 
 logger = logging.getLogger(__name__)
 
@@ -56,29 +57,35 @@ class OldSpaceTargets:
         return OldSpaceTargets(move(self.captions), move(self.offsets), move(self.caption_means), move(self.images))
 
 
-def old_text_source(reference: str, fingerprint: str, dim: int, device, batch_size: int = 256,
-                    encoder=None) -> EmbeddingSource:
-    """Cache source for the old model's text embeddings.
+def old_model_id(reference: str, space_id: str, encoder=None) -> str:
+    """The old encoder's model id without loading it: a backbone's is its space id, an adapter's is recorded."""
+    return encoder.model_id if encoder is not None else recorded_model_id(reference) or space_id
 
-    ``encoder``: the old model when the caller has it loaded already; otherwise it is
-    loaded only if something must be encoded.
+
+def old_text_source(reference: str, model_id: str, space_id: str, dim: int, device, batch_size: int = 256,
+                    encoder=None) -> EmbeddingSource:
+    """Cache source (keyed by ``model_id``) for the old encoder's text embeddings in ``space_id``.
+
+    ``reference`` names a backbone or an adapter (a chained upgrade). ``encoder``: the old
+    encoder when the caller has it loaded already; otherwise it is loaded only if something
+    must be encoded, and must write into ``space_id`` (ψ's target space).
     """
     checked = False
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
         nonlocal encoder, checked
         if encoder is None:
-            encoder = load_backbone(reference, device=device)
+            encoder = load_encoder(reference, device=device)
         if not checked:
             checked = True
-            if encoder.fingerprint != fingerprint:
+            if encoder.space_id != space_id:
                 raise FingerprintMismatchError(
-                    f"The old model {reference} has fingerprint {encoder.fingerprint}, but ψ was trained for "
-                    f"{fingerprint}. Pass the old model ψ was trained with."
+                    f"The old model {reference} writes into space {encoder.space_id}, but ψ was trained for space "
+                    f"{space_id}. Pass the old model ψ was trained with."
                 )
         return encoder.encode_text(texts, batch_size=batch_size, progress=False)
 
-    return EmbeddingSource("old", f"{fingerprint}:text", dim, encode)
+    return EmbeddingSource("old", f"{model_id}:text", dim, encode, space_id)
 
 
 def build_targets(
@@ -99,11 +106,12 @@ def build_targets(
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     owner = torch.repeat_interleave(torch.arange(len(captions)), counts)
     sums = torch.zeros(len(captions), caption_vectors.shape[1]).index_add_(0, owner, caption_vectors)
-    images = load_gallery(gallery, ids, old_text.dim, gallery_ids) if gallery else None
+    images = load_gallery(gallery, ids, old_text.dim, gallery_ids, old_text.space_id) if gallery else None
     return OldSpaceTargets(caption_vectors, offsets, F.normalize(sums, dim=-1), images)
 
 
-def load_gallery(path: str, ids: Sequence[str], dim: int, ids_path: str | None = None) -> torch.Tensor:
+def load_gallery(path: str, ids: Sequence[str], dim: int, ids_path: str | None = None,
+                 space_id: str | None = None) -> torch.Tensor:
     """The user's stored old image embeddings, reordered to the training images' order.
 
     Ids come from ``ids_path`` (a text file with one id per line, or a 1-D .npy), else
@@ -111,9 +119,12 @@ def load_gallery(path: str, ids: Sequence[str], dim: int, ids_path: str | None =
     row numbers. They are compared as strings with the pair source's ids (file names for
     an image folder, row numbers for tables, keys for tar shards).
 
-    Raises :class:`InputError` when the count, the ids or the dimension do not match.
+    Raises :class:`InputError` when the count, the ids or the dimension do not match, and
+    :class:`FingerprintMismatchError` when the file records a space other than ``space_id``.
     """
     stored = load_embeddings(path)
+    check_same_space(space_id, stored.space_id, f"Old image embeddings {path!r}",
+                     "They must be the stored gallery of the space ψ maps into (the old model's).")
     vectors = np.asarray(stored.vectors, dtype=np.float32)
     gallery_ids = read_ids(ids_path) if ids_path else [str(label) for label in stored.labels]
     where = f"Old image embeddings {path!r}"

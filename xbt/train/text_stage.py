@@ -193,8 +193,10 @@ def train_text_stage(
     total_steps = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
 
     seed_everything(config.seed)
-    spaces = {"source_space": cache.fingerprints["new"].removesuffix(":text"),
-              "target_space": cache.fingerprints["old"].removesuffix(":text")}
+    # ψ lands in the old encoder's space: for an adapter as the old side (a chained upgrade) that is its
+    # target's space, not its own id; caches without recorded space ids fall back to the model id
+    spaces = {f"{role}_space": cache.space_ids.get(name) or cache.fingerprints[name].removesuffix(":text")
+              for role, name in (("source", "new"), ("target", "old"))}
     projection = Projection.build(cache.dims["new"], cache.dims["old"], projection_config, **spaces)
     resuming = resolve_resume(output_dir, config.resume) is not None
     init = ("random" if projection.kind == "orthogonal" else "ridge") if config.init == "auto" else config.init
@@ -287,9 +289,10 @@ def pretrain_text(captions: CaptionConfig, cache_config: CacheConfig, models: Mo
         corpus = load_captions(captions)  # every corpus error surfaces before a model is loaded
         if encoders is None:
             from ..backbones import load_backbone
+            from ..encoders import load_encoder
 
-            encoders = [load_backbone(reference, device=accelerator.device)
-                        for reference in (models.old_model, models.new_model)]
+            encoders = [load_encoder(models.old_model, device=accelerator.device),
+                        load_backbone(models.new_model, device=accelerator.device)]
         old, new = encoders
         sources = [text_source("old", old, cache_config.encode_batch_size),
                    text_source("new", new, cache_config.encode_batch_size)]
