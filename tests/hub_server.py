@@ -167,7 +167,7 @@ class HubHandler(BaseHTTPRequestHandler):
             namespace = request.get("organization") or "user"
             repo_id = f"{namespace}/{request['name']}"
             if self.writable is not None and namespace not in self.writable:
-                return self._error(403, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
+                return self._error(403, f"You don't have the rights to create a model under the namespace {namespace!r}")
             created = self.state.create(repo_id)
             return self._json(200 if created else 409, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id})
         if path == "/api/validate-yaml":  # the README's metadata block must be a YAML mapping

@@ -185,7 +185,7 @@ def test_each_push_replaces_the_tree_through_lfs_and_keeps_a_card_someone_wrote(
 
 @pytest.mark.slow
 def test_an_adapter_pushed_from_one_machine_loads_on_another(hub, tiny_refs, tmp_path):
-    """Trained on local folders, pushed with their public references, the local files deleted, pulled afresh."""
+    """Trained on local folders, pushed with public references for them, the local files deleted, pulled afresh."""
     machine = tmp_path / "trainer"
     folders = {backend: machine / "models" / backend for backend in ("hf", "open_clip")}
     for backend, folder in folders.items():
@@ -197,8 +197,14 @@ def test_an_adapter_pushed_from_one_machine_loads_on_another(hub, tiny_refs, tmp
               "image": model.encode_image(images)}
     downloads = len(hub.state.lfs_downloads)
 
-    commit = _push(machine / "adapter", "team/portable", _env(machine / "hf_home", hub.endpoint), *PUBLIC_REFS)
+    # The new model has a public copy; the old one is published by the push itself.
+    commit = _push(machine / "adapter", "team/portable", _env(machine / "hf_home", hub.endpoint),
+                   "--public_ref", f"new={NEW_PUBLIC}", "--push_base", "old=org/pushed-old")
     shutil.rmtree(machine)
+    config = json.loads(hub.state.tree("team/portable", commit)["xbt_config.json"].data)
+    assert (config["new_model"]["reference"], config["old_model"]["reference"]) == (
+        NEW_PUBLIC, "open_clip:hf-hub:org/pushed-old")
+    assert hub.state.tree("org/pushed-old")["open_clip_model.safetensors"].lfs
 
     out = tmp_path / "pulled.safetensors"
     pulled = _run(["-c", PULL, "team/portable", commit, str(out), *images], _env(tmp_path / "fresh", hub.endpoint))
@@ -226,9 +232,10 @@ def test_a_reference_that_only_exists_here_is_refused(adapters, capsys):
         error = capsys.readouterr().err
         assert error.startswith("xbt push: error: ") and error.count("\n") == 1
         assert named in error and "--public_ref" in error and "Traceback" not in error
-    for bad in ("new=hf:/not/public", "newer=hf:org/repo"):
-        assert cli(["push", "--adapter_dir", str(root / "v2"), "--repo_id", "team/x", "--public_ref", bad]) == 2
-        assert "--public_ref" in capsys.readouterr().err
+    for option, bad in (("--public_ref", "new=hf:/not/public"), ("--public_ref", "newer=hf:org/repo"),
+                        ("--push_base", "newer=org/repo"), ("--push_base", "old=org//repo")):
+        assert cli(["push", "--adapter_dir", str(root / "v2"), "--repo_id", "team/x", option, bad]) == 2
+        assert f"xbt push: error: {option}" in capsys.readouterr().err
     assert _snapshot(root / "v2") == before
 
 

@@ -19,18 +19,19 @@ This module imports nothing heavy at load time: ``xbt push --help`` starts witho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError, ModelLoadError, ModelReferenceError, XBTError
 from .io import atomic_write_json
-from .references import parse_reference
+from .references import ModelRef, parse_reference
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,44 @@ def published_config(config: dict[str, Any], public_refs: Mapping[str, str]) -> 
         example = " ".join(f"{role}=hf:ORG/REPO" for role, _ in local)
         raise InputError(f"{named} only exist{'s' if len(local) == 1 else ''} on this machine, so the pushed adapter "
                          f"would not load anywhere else. Name the public reference of the same weights with "
-                         f"--public_ref {example} (or open_clip:hf-hub:ORG/REPO, open_clip:ARCH/TAG).")
+                         f"--public_ref {example} (or open_clip:hf-hub:ORG/REPO, open_clip:ARCH/TAG), or publish "
+                         f"the folder with --push_base {' '.join(f'{role}=ORG/REPO' for role, _ in local)}.")
     return published
+
+
+def base_model_refs(config: dict[str, Any], push_base: Mapping[str, str]) -> dict[str, str]:
+    """The public references the local base models will have once pushed as ``push_base`` ({role: repo id})."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    refs = {}
+    for role, repo_id in push_base.items():
+        if role not in ROLES:
+            raise InputError(f"--push_base names models as new=ORG/REPO or old=ORG/REPO, got {role!r}.")
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as error:
+            raise InputError(f"--push_base {role}={repo_id} is not a Hub repo id: {error}") from error
+        local = config[ROLES[role]].get("reference")
+        if not local or not needs_public_reference(local):
+            raise InputError(f"--push_base {role}=...: the {role} model {local!r} is not a local folder; "
+                             f"there is nothing to push.")
+        ref = parse_reference(local)  # a folder that is gone fails here, saying so
+        refs[role] = str(ModelRef(backend=ref.backend, kind="hub", name=repo_id))
+    return refs
+
+
+def push_base_models(api, config: dict[str, Any], push_base: Mapping[str, str], private: bool) -> None:
+    """Publish each local base model folder named in ``push_base`` as its Hub repo (safetensors only)."""
+    from .backbones.safety import require_safetensors
+
+    for role, repo_id in push_base.items():
+        ref = parse_reference(config[ROLES[role]]["reference"])
+        require_safetensors(ref.path, ref)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=ref.path, commit_message=f"Upload the {role} model of an "
+                          f"xbt adapter (fingerprint {config[ROLES[role]]['fingerprint']})")
+        logger.info("Pushed the %s model %s to %s", role, ref, repo_id)
 
 
 def verify_public_weights(config: dict[str, Any], published: dict[str, Any]) -> None:
@@ -198,6 +235,7 @@ def push_adapter(
     *,
     eval_dir: str | Path | None = None,
     public_refs: Mapping[str, str] | None = None,
+    push_base: Mapping[str, str] | None = None,
     replace_card: bool = False,
     token: str | None = None,
     private: bool = False,
@@ -206,9 +244,11 @@ def push_adapter(
 ) -> str:
     """Make ``repo_id`` (created if needed) hold exactly this adapter directory; returns the commit id.
 
-    Everything is prepared in a temporary copy, so the adapter directory is never written:
-    the config with public model references (``public_refs``, ``{"new"|"old": REFERENCE}``,
-    checked by fingerprint), ``eval/`` from ``eval_dir`` (an ``xbt eval`` output), and the
+    Model references recorded as local folders need a public one: named in ``public_refs``
+    (``{"new"|"old": REFERENCE}``), or made by pushing the folder as a Hub repo
+    (``push_base``, ``{"new"|"old": REPO_ID}``); either is checked by fingerprint. Everything
+    is prepared in a temporary copy, so the adapter directory is never written: the config
+    with the public references, ``eval/`` from ``eval_dir`` (an ``xbt eval`` output), and the
     model card (see :func:`choose_card`). The one commit replaces the repo's whole tree: files
     of an earlier push that are not in this one are deleted. The endpoint is huggingface_hub's
     (``HF_ENDPOINT``), the token ``token`` or ``HF_TOKEN``.
@@ -218,13 +258,16 @@ def push_adapter(
     folder = Path(folder)
     adapter_files(folder)  # validate before anything else
     config = json.loads((folder / CONFIG_NAME).read_text())
-    published = published_config(config, public_refs or {})
+    push_base = push_base or {}
+    published = published_config(config, {**(public_refs or {}), **base_model_refs(config, push_base)})
     with tempfile.TemporaryDirectory(prefix="xbt-push-") as tmp:
         staging = Path(tmp)
         stage_adapter(folder, staging, config, published, repo_id, eval_dir)
-        verify_public_weights(config, published)
         api = HfApi(token=token)
-        try:
+        with hub_errors(f"Pushing the base models {dict(push_base)} of {str(folder)!r}"):
+            push_base_models(api, config, push_base, private)
+        verify_public_weights(config, published)
+        with hub_errors(f"Pushing {str(folder)!r} to {repo_id!r}"):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if branch:
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
@@ -233,11 +276,20 @@ def push_adapter(
             # "*" lists every remote file for deletion; the ones uploaded again are kept by upload_folder.
             info = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=branch,
                                      commit_message=commit_message, delete_patterns="*")
-        except Exception as error:
-            raise XBTError(f"Pushing {str(folder)!r} to {repo_id!r} failed ({type(error).__name__}: {error}). "
-                           f"Check the repo id, your token (HF_TOKEN) and the endpoint (HF_ENDPOINT).") from error
     logger.info("Pushed %s to %s (commit %s; model card: %s)", folder, repo_id, info.oid, card)
     return info.oid
+
+
+@contextlib.contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """Turn a failure of the Hub client into an :class:`XBTError` that says what failed and what to check."""
+    try:
+        yield
+    except XBTError:
+        raise
+    except Exception as error:
+        raise XBTError(f"{what} failed ({type(error).__name__}: {error}). "
+                       f"Check the repo id, your token (HF_TOKEN) and the endpoint (HF_ENDPOINT).") from error
 
 
 @dataclass
@@ -251,6 +303,9 @@ class PushConfig:
     public_ref: dict[str, str] = field(default_factory=dict, metadata={
         "help": "public references of models the adapter records as local folders, e.g. new=hf:org/clip-new "
                 "old=open_clip:hf-hub:org/clip-old; written into the pushed xbt_config.json (checked by fingerprint)"})
+    push_base: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "push local base model folders too, as these Hub repos, e.g. old=org/clip-old (created if needed); "
+                "the pushed xbt_config.json then names them"})
     replace_card: bool = field(default=False, metadata={
         "help": "render the model card even over a README.md someone wrote (in the adapter directory or the repo)"})
     private: bool = field(default=False, metadata={"help": "create the repo as private"})
@@ -275,8 +330,9 @@ def push_command(argv) -> int:
 
     (options,) = parse_configs([PushConfig], argv, prog="xbt push", description=push_command.__doc__)
     commit = push_adapter(options.adapter_dir, options.repo_id, eval_dir=options.eval_dir,
-                          public_refs=options.public_ref, replace_card=options.replace_card, private=options.private,
-                          branch=options.branch, commit_message=options.commit_message)
+                          public_refs=options.public_ref, push_base=options.push_base,
+                          replace_card=options.replace_card, private=options.private, branch=options.branch,
+                          commit_message=options.commit_message)
     print(f"{options.repo_id}@{commit}")
     return 0
 
