@@ -177,7 +177,10 @@ def test_each_push_replaces_the_tree_through_lfs_and_keeps_a_card_someone_wrote(
     assert second["adapter_model.safetensors"].sha256 in hub.state.lfs_uploads
     assert second["adapter_model.safetensors"].data == (root / "v2" / "adapter_model.safetensors").read_bytes()
 
-    third = hub.state.tree(repo, _push(root / "v2", repo, env, "--replace_card", *PUBLIC_REFS))
+    # Asked to, a push to a new branch renders the card again; main keeps the hand-written one.
+    third = hub.state.tree(repo, _push(root / "v2", repo, env, "--replace_card", "--branch", "rendered",
+                                       *PUBLIC_REFS))
+    assert hub.state.tree(repo, "rendered") == third and hub.state.tree(repo, "main") == second
     card = ModelCard(third["README.md"].data.decode())
     assert is_generated(card.content) and card.data.eval_results is None and "Not evaluated yet" in card.text
     assert set(third) == set(second)
@@ -254,7 +257,7 @@ def test_a_failed_push_writes_nothing_locally_and_wrong_public_weights_are_refus
     assert result.stdout.split() == ["2", "2"] and "Traceback" not in result.stderr
     failed, wrong = [line for line in result.stderr.splitlines() if line.startswith("xbt push: error: ")]
     assert failed.startswith("xbt push: error: Pushing") and "403" in failed and "HF_TOKEN" in failed
-    assert "is another model than the one this adapter records" in wrong
+    assert "is another model than the one this adapter records" in wrong and "old model" in wrong
     assert _snapshot(root / "v2") == before
     assert "someone-else/x" not in hub.state.repos and "team/wrong" not in hub.state.repos
     assert cli(["push", "--adapter_dir", str(root / "v2"), "--repo_id", "team//x"]) == 2

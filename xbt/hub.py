@@ -64,8 +64,8 @@ def adapter_files(folder: str | Path) -> list[Path]:
     return [p for p in files if p.suffix in _SHIPPED_SUFFIXES and len(p.relative_to(folder).parts) <= 2]
 
 
-def attach_evaluation(folder: str | Path, eval_dir: str | Path) -> list[Path]:
-    """Make ``folder/eval`` a copy of an ``xbt eval`` output (metrics.json, report.md, plots); returns the copies.
+def attach_evaluation(folder: str | Path, eval_dir: str | Path) -> None:
+    """Make ``folder/eval`` a copy of an ``xbt eval`` output (metrics.json, report.md, plots).
 
     What ``folder/eval`` held before is removed: a published evaluation is one run's, whole.
     """
@@ -74,11 +74,9 @@ def attach_evaluation(folder: str | Path, eval_dir: str | Path) -> list[Path]:
         raise InputError(f"{str(source)!r} holds no metrics.json; pass the --output_dir folder of `xbt eval`.")
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
-    copies = []
     for path in sorted(source.iterdir()):
         if path.is_file() and path.suffix in {".json", ".md", ".png"}:
-            copies.append(Path(shutil.copy2(path, target / path.name)))
-    return copies
+            shutil.copy2(path, target / path.name)
 
 
 def needs_public_reference(reference: str) -> bool:
@@ -169,9 +167,9 @@ def verify_public_weights(config: dict[str, Any], published: dict[str, Any]) -> 
             continue
         loaded = load_backbone(public).model_id
         if loaded != recorded["fingerprint"]:
-            raise InputError(f"--public_ref {role}={public} is another model than the one this adapter records "
-                             f"({recorded['reference']}): fingerprint {loaded}, recorded {recorded['fingerprint']}. "
-                             f"Name the public copy of the very same weights.")
+            raise InputError(f"The public reference {public} of the {role} model is another model than the one "
+                             f"this adapter records ({recorded['reference']}): fingerprint {loaded}, recorded "
+                             f"{recorded['fingerprint']}. Name the public copy of the very same weights.")
 
 
 def stage_adapter(folder: Path, staging: Path, config: dict[str, Any], published: dict[str, Any], repo_id: str,
