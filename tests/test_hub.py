@@ -25,7 +25,7 @@ from hub_server import Blob, HubServer
 from xbt import InputError, load_backbone
 from xbt.cli import main as cli
 from xbt.demo.scenes import write_split
-from xbt.hub import adapter_files
+from xbt.hub import adapter_files, choose_card
 from xbt.model import XBTModel
 from xbt.model_card import CARD_ROLES, is_generated, render_model_card
 from xbt.projection import Projection, ProjectionConfig
@@ -164,7 +164,9 @@ def test_each_push_replaces_the_tree_through_lfs_and_keeps_a_card_someone_wrote(
     assert card.data.xbt == {"source_space": models["v1"].source_space_id, "source_model": NEW_PUBLIC,
                              "target_space": models["v1"].space_id, "target_model": OLD_PUBLIC}
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    assert _card_results(card) == _expected_results(metrics) and _card_results(card)
+    listed, expected = _card_results(card), _expected_results(metrics)
+    assert listed and [row[:2] for row in listed] == [row[:2] for row in expected]
+    assert [row[2] for row in listed] == pytest.approx([row[2] for row in expected], abs=0.005)  # 2 decimals
     assert all(f"](eval/{name})" in card.text for name in plots)
 
     # Someone writes the repo's card by hand; the next push keeps it and drops the stale eval/.
@@ -261,6 +263,20 @@ def test_a_failed_push_writes_nothing_locally_and_wrong_public_weights_are_refus
     assert _snapshot(root / "v2") == before
     assert "someone-else/x" not in hub.state.repos and "team/wrong" not in hub.state.repos
     assert cli(["push", "--adapter_dir", str(root / "v2"), "--repo_id", "team//x"]) == 2
+
+
+def test_a_card_someone_wrote_is_kept_the_local_one_first(adapters, tmp_path):
+    root, _ = adapters
+    staging = tmp_path / "staging"
+    shutil.copytree(root / "v2", staging)
+    ours, theirs = "# Written here\n", "# Written on the Hub\n"
+    assert choose_card(staging, "team/x", theirs, replace_card=False) == "the README.md already in the repo"
+    assert (staging / "README.md").read_text() == theirs  # the local card was xbt's: the repo's wins
+    (staging / "README.md").write_text(ours)
+    assert choose_card(staging, "team/x", theirs, replace_card=False) == "the adapter directory's own README.md"
+    assert (staging / "README.md").read_text() == ours
+    assert choose_card(staging, "team/x", theirs, replace_card=True) == "rendered"
+    assert is_generated((staging / "README.md").read_text())
 
 
 def test_model_card_without_evaluation(adapters):

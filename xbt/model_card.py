@@ -57,7 +57,7 @@ def hub_repo_of(reference: str | None) -> str | None:
 
 
 def eval_results(metrics: dict[str, Any]) -> list:
-    """One ``EvalResult`` per Recall@K of each compatibility cell of ``eval/metrics.json``."""
+    """One ``EvalResult`` per Recall@K (percent, 2 decimals) of each compatibility cell of ``eval/metrics.json``."""
     from huggingface_hub import EvalResult
 
     dataset = metrics.get("dataset", {})
@@ -65,7 +65,7 @@ def eval_results(metrics: dict[str, Any]) -> list:
         EvalResult(task_type=_TASKS[direction], task_name=f"{direction} retrieval against the gallery of the old space",
                    dataset_type="custom", dataset_name=str(dataset.get("source", "evaluation set")),
                    dataset_revision=str(dataset.get("fingerprint", "")),
-                   metric_type=f"recall_at_{k}", metric_name=f"R@{k} {cell['name']}", metric_value=value)
+                   metric_type=f"recall_at_{k}", metric_name=f"R@{k} {cell['name']}", metric_value=round(value, 2))
         for direction in DIRECTIONS
         for cell in metrics.get("cells", []) if cell["direction"] == direction and cell.get("role") in CARD_ROLES
         for k, value in cell["recall"].items()
