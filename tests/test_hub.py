@@ -75,7 +75,8 @@ def _adapter(new_reference: str, old_reference: str, seed: int) -> XBTModel:
     torch.manual_seed(seed)
     projection = Projection.build(backbone.embed_dim, old.embed_dim, ProjectionConfig(kind="linear"),
                                   source_space=backbone.fingerprint, target_space=old.fingerprint)
-    model = XBTModel(backbone, projection, old_reference=old_reference, old_model_id=old.model_id)
+    model = XBTModel(backbone, projection, old_reference=old_reference, old_model_id=old.model_id,
+                     training={"models": [new_reference, old_reference]})  # a summary may name them too
     with torch.no_grad():  # LoRA B starts at zero: give each adapter an effect of its own
         for parameter in model.lora_parameters():
             parameter.normal_(std=0.1)

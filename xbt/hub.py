@@ -177,8 +177,9 @@ def stage_adapter(folder: Path, staging: Path, config: dict[str, Any], published
     """Copy what is published of ``folder`` into ``staging``, with the published config and evaluation.
 
     The local references replaced in ``published`` (and the adapter folder's own path) are
-    replaced in the other staged text files too: peft's adapter_config.json and an
-    evaluation's metrics.json / report.md name what they were made with. A README is left as written.
+    replaced in every staged text file too (the config's training summary, peft's
+    adapter_config.json, an evaluation's metrics.json / report.md name what they were made
+    with); a README is left as written.
     """
     for path in adapter_files(folder):
         target = staging / path.relative_to(folder)
@@ -186,6 +187,7 @@ def stage_adapter(folder: Path, staging: Path, config: dict[str, Any], published
         shutil.copy2(path, target)
     if eval_dir is not None:
         attach_evaluation(staging, eval_dir)
+    atomic_write_json(staging / CONFIG_NAME, published)
     replacements = {config[key]["reference"]: published[key]["reference"] for key in ROLES.values()
                     if config[key].get("reference") != published[key]["reference"]}
     replacements[str(folder.resolve())] = repo_id
@@ -195,7 +197,6 @@ def stage_adapter(folder: Path, staging: Path, config: dict[str, Any], published
             for local in sorted(replacements, key=len, reverse=True):  # the most specific first
                 text = text.replace(local, replacements[local])
             path.write_text(text, encoding="utf-8")
-    atomic_write_json(staging / CONFIG_NAME, published)
 
 
 def remote_card(api, repo_id: str, revision: str | None) -> str | None:
