@@ -112,11 +112,13 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-def _push(folder: Path, repo_id: str, env: dict[str, str], *options: str) -> str:
-    """``xbt push`` in a child process; returns the commit id."""
-    result = _run(["-m", "xbt", "push", "--adapter_dir", str(folder), "--repo_id", repo_id, *options], env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().split("@")[1]
+def _pushes(env: dict[str, str], *pushes: list[str]) -> list[str]:
+    """``xbt push`` command lines (``[ADAPTER_DIR, REPO_ID, *OPTIONS]``) run in one child process; their commits."""
+    argvs = [["push", "--adapter_dir", str(folder), "--repo_id", repo_id, *options]
+             for folder, repo_id, *options in pushes]
+    result = _run(["-c", XBT, json.dumps(argvs)], env)
+    assert result.returncode == 0 and result.stdout.split()[1::2] == ["0"] * len(pushes), result.stderr
+    return [line.split("@")[1] for line in result.stdout.split()[::2]]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -143,7 +145,8 @@ def test_each_push_replaces_the_tree_through_lfs_and_keeps_a_card_someone_wrote(
     env, repo = _env(tmp_path / "hf_home", hub.endpoint), "team/clip-upgrade"
     local_before = _snapshot(root / "v1")
 
-    first = hub.state.tree(repo, _push(root / "v1", repo, env, "--eval_dir", str(eval_dir), *PUBLIC_REFS))
+    (commit,) = _pushes(env, [root / "v1", repo, "--eval_dir", str(eval_dir), *PUBLIC_REFS])
+    first = hub.state.tree(repo, commit)
     assert _snapshot(root / "v1") == local_before  # card and eval/ were staged elsewhere
     plots = sorted(p.name for p in eval_dir.glob("*.png"))
     assert plots and {"README.md", "xbt_config.json", "projection/config.json", "projection/model.safetensors",
@@ -173,16 +176,15 @@ def test_each_push_replaces_the_tree_through_lfs_and_keeps_a_card_someone_wrote(
     # Someone writes the repo's card by hand; the next push keeps it and drops the stale eval/.
     own_card = b"---\nlicense: mit\n---\n# Our upgraded CLIP\n\nWritten by us.\n"
     hub.state.commit(repo, "main", {"README.md": Blob(own_card)}, [])
-    second = hub.state.tree(repo, _push(root / "v2", repo, env, *PUBLIC_REFS))
+    # Then, asked to, a push to a new branch renders the card again; main keeps the hand-written one.
+    second, third = (hub.state.tree(repo, commit) for commit in _pushes(
+        env, [root / "v2", repo, *PUBLIC_REFS], [root / "v2", repo, "--replace_card", "--branch", "rendered",
+                                                 *PUBLIC_REFS]))
     assert second["README.md"].data == own_card
     assert not [name for name in second if name.startswith("eval/")]
     assert json.loads(second["xbt_config.json"].data)["model_id"] == models["v2"].model_id
     assert second["adapter_model.safetensors"].sha256 in hub.state.lfs_uploads
     assert second["adapter_model.safetensors"].data == (root / "v2" / "adapter_model.safetensors").read_bytes()
-
-    # Asked to, a push to a new branch renders the card again; main keeps the hand-written one.
-    third = hub.state.tree(repo, _push(root / "v2", repo, env, "--replace_card", "--branch", "rendered",
-                                       *PUBLIC_REFS))
     assert hub.state.tree(repo, "rendered") == third and hub.state.tree(repo, "main") == second
     card = ModelCard(third["README.md"].data.decode())
     assert is_generated(card.content) and card.data.eval_results is None and "Not evaluated yet" in card.text
@@ -204,8 +206,9 @@ def test_an_adapter_pushed_from_one_machine_loads_on_another(hub, tiny_refs, tmp
     downloads = len(hub.state.lfs_downloads)
 
     # The new model has a public copy; the old one is published by the push itself.
-    commit = _push(machine / "adapter", "team/portable", _env(machine / "hf_home", hub.endpoint),
-                   "--public_ref", f"new={NEW_PUBLIC}", "--push_base", "old=org/pushed-old")
+    push = [machine / "adapter", "team/portable", "--public_ref", f"new={NEW_PUBLIC}",
+            "--push_base", "old=org/pushed-old"]
+    (commit,) = _pushes(_env(machine / "hf_home", hub.endpoint), push)
     shutil.rmtree(machine)
     config = json.loads(hub.state.tree("team/portable", commit)["xbt_config.json"].data)
     assert (config["new_model"]["reference"], config["old_model"]["reference"]) == (
