@@ -236,11 +236,12 @@ def test_an_adapter_pushed_from_one_machine_loads_on_another(hub, tiny_refs, tmp
 def test_a_reference_that_only_exists_here_is_refused(adapters, capsys):
     root, _ = adapters
     before = _snapshot(root / "v2")
-    for extra, named in (([], "the new model"), (["--public_ref", f"new={NEW_PUBLIC}"], "the old model")):
+    for extra, named, fix in (([], "the new model", "--public_ref new=hf:ORG/REPO old=open_clip:hf-hub:ORG/REPO"),
+                              (["--public_ref", f"new={NEW_PUBLIC}"], "the old model", "--push_base old=ORG/REPO")):
         assert cli(["push", "--adapter_dir", str(root / "v2"), "--repo_id", "team/x", *extra]) == 2
         error = capsys.readouterr().err
         assert error.startswith("xbt push: error: ") and error.count("\n") == 1
-        assert named in error and "--public_ref" in error and "Traceback" not in error
+        assert named in error and fix in error and "Traceback" not in error
     for option, bad in (("--public_ref", "new=hf:/not/public"), ("--public_ref", "newer=hf:org/repo"),
                         ("--push_base", "newer=org/repo"), ("--push_base", "old=org//repo")):
         assert cli(["push", "--adapter_dir", str(root / "v2"), "--repo_id", "team/x", option, bad]) == 2

@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import InputError, ModelLoadError, ModelReferenceError, XBTError
 from .io import atomic_write_json
-from .references import ModelRef, parse_reference
+from .references import BACKENDS, ModelRef, parse_reference
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,18 @@ def published_config(config: dict[str, Any], public_refs: Mapping[str, str]) -> 
              if published[key].get("reference") and needs_public_reference(published[key]["reference"])]
     if local:
         named = ", ".join(f"the {role} model {reference!r}" for role, reference in local)
-        example = " ".join(f"{role}=hf:ORG/REPO" for role, _ in local)
+        example = " ".join(f"{role}={hub_reference(reference, 'ORG/REPO')}" for role, reference in local)
         raise InputError(f"{named} only exist{'s' if len(local) == 1 else ''} on this machine, so the pushed adapter "
                          f"would not load anywhere else. Name the public reference of the same weights with "
-                         f"--public_ref {example} (or open_clip:hf-hub:ORG/REPO, open_clip:ARCH/TAG), or publish "
-                         f"the folder with --push_base {' '.join(f'{role}=ORG/REPO' for role, _ in local)}.")
+                         f"--public_ref {example} (or another public reference, e.g. open_clip:ARCH/TAG), or "
+                         f"publish the folder with --push_base {' '.join(f'{role}=ORG/REPO' for role, _ in local)}.")
     return published
+
+
+def hub_reference(reference: str, repo_id: str) -> str:
+    """The reference of the Hub repo ``repo_id`` for the backend of ``reference`` (``hf:`` or ``open_clip:hf-hub:``)."""
+    backend = reference.partition(":")[0]
+    return str(ModelRef(backend=backend if backend in BACKENDS else "hf", kind="hub", name=repo_id))
 
 
 def base_model_refs(config: dict[str, Any], push_base: Mapping[str, str]) -> dict[str, str]:
@@ -136,8 +142,7 @@ def base_model_refs(config: dict[str, Any], push_base: Mapping[str, str]) -> dic
         if not local or not needs_public_reference(local):
             raise InputError(f"--push_base {role}=...: the {role} model {local!r} is not a local folder; "
                              f"there is nothing to push.")
-        ref = parse_reference(local)  # a folder that is gone fails here, saying so
-        refs[role] = str(ModelRef(backend=ref.backend, kind="hub", name=repo_id))
+        refs[role] = hub_reference(local, repo_id)
     return refs
 
 
