@@ -25,7 +25,7 @@ from hub_server import Blob, HubServer
 from xbt import InputError, load_backbone
 from xbt.cli import main as cli
 from xbt.demo.scenes import write_split
-from xbt.hub import adapter_files, choose_card
+from xbt.hub import adapter_files, choose_card, hub_reference
 from xbt.model import XBTModel
 from xbt.model_card import CARD_ROLES, is_generated, render_model_card
 from xbt.projection import Projection, ProjectionConfig
@@ -247,6 +247,15 @@ def test_a_reference_that_only_exists_here_is_refused(adapters, capsys):
         assert cli(["push", "--adapter_dir", str(root / "v2"), "--repo_id", "team/x", option, bad]) == 2
         assert f"xbt push: error: {option}" in capsys.readouterr().err
     assert _snapshot(root / "v2") == before
+
+
+@pytest.mark.parametrize("local, public", [
+    ("hf:/gone/new", "hf:ORG/REPO"),
+    ("open_clip:local-dir:/gone/old", "open_clip:hf-hub:ORG/REPO"),
+    ("xbt:/gone/v2-adapter", "xbt:ORG/REPO"),  # a chained upgrade's old side is an adapter repo
+])
+def test_the_suggested_public_reference_keeps_the_backend(local, public):
+    assert hub_reference(local, "ORG/REPO") == public
 
 
 def test_a_failed_push_writes_nothing_locally_and_wrong_public_weights_are_refused(adapters, hub, tmp_path):

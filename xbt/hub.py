@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import InputError, ModelLoadError, ModelReferenceError, XBTError
 from .io import atomic_write_json
-from .references import BACKENDS, ModelRef, parse_reference
+from .references import ADAPTER_PREFIX, BACKENDS, ModelRef, parse_reference
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,14 @@ def published_config(config: dict[str, Any], public_refs: Mapping[str, str]) -> 
 
 
 def hub_reference(reference: str, repo_id: str) -> str:
-    """The reference of the Hub repo ``repo_id`` for the backend of ``reference`` (``hf:`` or ``open_clip:hf-hub:``)."""
-    backend = reference.partition(":")[0]
-    return str(ModelRef(backend=backend if backend in BACKENDS else "hf", kind="hub", name=repo_id))
+    """The reference of the Hub repo ``repo_id`` for the backend of ``reference`` (``hf:``, ``open_clip:hf-hub:``,
+    or ``xbt:`` for an adapter as the old side)."""
+    try:
+        backend = parse_reference(reference).backend  # a bare adapter folder too
+    except ModelReferenceError:  # a recorded folder that is gone: its prefix still tells the backend
+        backend = reference.partition(":")[0]
+    known = (*BACKENDS, ADAPTER_PREFIX)
+    return str(ModelRef(backend=backend if backend in known else "hf", kind="hub", name=repo_id))
 
 
 def base_model_refs(config: dict[str, Any], push_base: Mapping[str, str]) -> dict[str, str]:
@@ -164,13 +169,13 @@ def verify_public_weights(config: dict[str, Any], published: dict[str, Any]) -> 
 
     A public reference naming other weights would give a repo that fails on every other machine.
     """
-    from .backbones import load_backbone
+    from .encoders import load_encoder
 
     for role, key in ROLES.items():
         recorded, public = config[key], published[key]["reference"]
         if public == recorded.get("reference"):
             continue
-        loaded = load_backbone(public).model_id
+        loaded = load_encoder(public).model_id  # the old side may be an adapter (a chained upgrade)
         if loaded != recorded["fingerprint"]:
             raise InputError(f"The public reference {public} of the {role} model is another model than the one "
                              f"this adapter records ({recorded['reference']}): fingerprint {loaded}, recorded "
