@@ -244,11 +244,18 @@ def test_matrix_agrees_with_direct_computation_and_goes_through_the_embedding_ca
             span = upper[k] - lower[k]
             assert cell["gap_recovered"][k] == (None if not span else pytest.approx((cell["recall"][k] - lower[k]) / span))
     assert cells[("text→image", "xbt→xbt")]["compatible"] is None  # reindexed cells are not scored
-    # The backfill curve runs from xbt→old (nothing re-embedded) to xbt→xbt (everything).
-    for direction, curve in report["backfill"].items():
-        assert (curve["query"], curve["gallery"]) == ("xbt", "old")
-        assert [curve["recall"][k][0] for k in KS] == [cells[(direction, "xbt→old")]["recall"][str(k)] for k in KS]
-        assert [curve["recall"][k][-1] for k in KS] == [cells[(direction, "xbt→xbt")]["recall"][str(k)] for k in KS]
+    # Every ordering's backfill curve runs from xbt→old (nothing re-embedded) to xbt→xbt (everything, one index)
+    # and, re-embedded by the new model (two indexes, rank merge), to new→new.
+    for key, target in (("backfill", "xbt→xbt"), ("backfill_new_model", "new→new")):
+        for direction, curve in report[key].items():
+            assert (curve["query"], curve["gallery"]) == ("xbt", "old")
+            assert set(curve["orderings"]) == {"random", "hubness", "density", "oracle"}
+            for values in curve["orderings"].values():
+                assert values["merge"] == ("score" if key == "backfill" else "rank")
+                assert [values["recall"][k][0] for k in KS] == [cells[(direction, "xbt→old")]["recall"][str(k)]
+                                                                 for k in KS]
+                assert [values["recall"][k][-1] for k in KS] == [cells[(direction, target)]["recall"][str(k)]
+                                                                  for k in KS]
     assert report["dataset"]["images"] == 30
     assert report["spaces"]["old"]["model_id"] == models["old"].model_id
     assert report["spaces"]["lstsq"]["kind"] == "baseline" and report["spaces"]["xbt+old"]["blend_alpha"] == 0.5
@@ -449,7 +456,8 @@ def test_cli_on_stored_embeddings_only(tmp_path, capsys):
     report = json.loads((output / "metrics.json").read_text())
     assert [(c["name"], c["role"]) for c in report["cells"]] == [
         ("old→old", "lower bound"), ("xbt→old", "compatibility"), ("xbt→xbt", "reindexed"), ("old→xbt", "reindexed")]
-    assert report["backfill"]["text→image"]["recall"]["1"][-1] == report["cells"][2]["recall"]["1"]
+    assert report["backfill"]["text→image"]["orderings"]["random"]["recall"]["1"][-1] == \
+        report["cells"][2]["recall"]["1"]
     with Image.open(output / "backfill.png") as image:
         image.verify()
     assert "**stored old (gallery)**: 300 vectors of dimension 16" in (output / "report.md").read_text()

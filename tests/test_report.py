@@ -9,7 +9,8 @@ from PIL import Image
 from xbt.evaluation.encode import stored_space
 from xbt.evaluation.plan import ADAPTER, NEW_MODEL, OLD_MODEL, plan_cells, score_cells
 from xbt.report import cells_to_json, markdown, plot_recall_bars, write_report
-from xbt.retrieval import Labeled, SearchConfig, backfill_curve, evaluate_cell
+from xbt.backfill import curves_by_ordering
+from xbt.retrieval import Labeled, SearchConfig, evaluate_cell
 
 
 def _report(config=None):
@@ -27,10 +28,11 @@ def _report(config=None):
     cells = [evaluate_cell(c.direction, c.query, c.gallery, pools[c.direction][0][c.query],
                            pools[c.direction][1][c.gallery], config=config, role=c.role) for c in plan]
     score_cells(cells)
-    backfill = backfill_curve(texts["xbt"], images["old"], images["xbt"].vectors)
+    orderings = curves_by_ordering(texts["xbt"], images["old"], images["xbt"], None, ["random", "hubness"])
     return {"xbt_version": "test", "spaces": {s.name: s.describe() for s in spaces},
             "dataset": {"images": 60, "captions": 120}, "search": {"index_factory": "Flat"}, "ks": [1, 5, 10],
-            "cells": cells_to_json(cells), "backfill": {"text→image": {"query": "xbt", "gallery": "old", **backfill}}}
+            "cells": cells_to_json(cells), "backfill": {"text→image": {"query": "xbt", "gallery": "old", "reembedded_by": "xbt", "seed": 0,
+                                                        "orderings": orderings}}}
 
 
 def _table_rows(text: str) -> dict[tuple[str, str], list[str]]:
@@ -82,9 +84,11 @@ def test_report_files_are_written_and_every_table_number_is_its_cells(tmp_path):
 
     text = paths["markdown"].read_text()
     curve = report["backfill"]["text→image"]
-    backfill_rows = [line for line in text.split("## Backfill, text→image")[1].splitlines() if re.match(r"\| \d", line)]
-    assert backfill_rows == [f"| {p:.1f} | " + " | ".join(f"{curve['recall'][k][i]:.1f}" for k in curve["recall"]) + " |"
-                             for i, p in enumerate(curve["fractions"])]
+    section = text.split("## Backfill with the adapter, text→image")[1].split("\n\n")[1]
+    backfill_rows = [line for line in section.splitlines() if not line.startswith(("| ordering", "|---"))]
+    assert backfill_rows == [f"| {name} | " + " | ".join(f"{v:.1f}" for v in values["auc"].values()) + " | "
+                             + " | ".join(f"{v:.1f}" for v in values["recall"]["1"]) + " |"
+                             for name, values in curve["orderings"].items()]
 
 
 def test_recall_bars_are_coloured_by_role_not_by_name(tmp_path):

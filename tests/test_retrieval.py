@@ -10,7 +10,6 @@ from xbt.retrieval import (
     CellResult,
     Labeled,
     SearchConfig,
-    backfill_curve,
     evaluate_cell,
     MISS,
     first_hit_rank,
@@ -215,30 +214,6 @@ def test_a_stored_gallery_records_its_space_and_is_validated_once(tmp_path):
     fresh = Labeled(np.full_like(vectors, np.nan), stored.labels)
     with pytest.raises(InputError, match="NaN"):
         fresh.check("fresh")
-
-
-def test_backfill_curve_runs_from_old_to_fully_reembedded():
-    rng = np.random.default_rng(5)
-    old = Labeled(rng.normal(size=(200, 16)).astype(np.float32), np.arange(200))
-    new = rng.normal(size=(200, 16)).astype(np.float32)
-    queries = Labeled(new[:100] + 0.5 * rng.normal(size=(100, 16)).astype(np.float32), np.arange(100))
-    ks = (1, 5)
-    curve = backfill_curve(queries, old, new, ks=ks, seed=7)
-    assert curve["fractions"] == pytest.approx([i / 10 for i in range(11)])
-    assert [curve["recall"][k][0] for k in ks] == [recall_at_k(queries, old, ks)[k] for k in ks]
-    assert [curve["recall"][k][-1] for k in ks] == [recall_at_k(queries, Labeled(new, old.labels), ks)[k] for k in ks]
-    assert curve["recall"][1][-1] > curve["recall"][1][0] + 30
-    assert curve == backfill_curve(queries, old, new, ks=ks, seed=7)
-    assert curve == backfill_curve(queries, old, new, ks=ks, seed=7, config=SearchConfig(shard_rows=13))
-    assert curve != backfill_curve(queries, old, new, ks=ks, seed=8)
-    # Only some rows replaceable (the rest are distractors without a re-embedding): p=1 replaces just those.
-    rows = np.arange(0, 200, 2)
-    partial = backfill_curve(queries, old, new[rows], rows, fractions=(0.0, 1.0), ks=ks)
-    mixed = old.vectors.copy()
-    mixed[rows] = new[rows]
-    assert partial["recall"][1][1] == recall_at_k(queries, Labeled(mixed, old.labels), ks)[1]
-    with pytest.raises(InputError, match="fractions"):
-        backfill_curve(queries, old, new, fractions=(1.5,))
 
 
 def test_compatibility_and_gap_recovered_come_from_the_roles_of_the_cells():

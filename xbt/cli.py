@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("xbt.train.fit:run", "the whole training from one config file: cache, stage 1, stage 2 (done steps skipped)"),
     "embed": ("xbt.embed:run", "encode images or texts into a space (old, native model, xbt: adapter) as sharded safetensors + faiss"),
     "export": ("xbt.export:run", "write an adapter as a standalone checkpoint (LoRA merged, ψ folded) or ONNX"),
+    "plan": ("xbt.plan_command:run", "order a stored gallery for backfilling; predicted curve and cost in hours"),
     "push": ("xbt.hub:push_command", "publish an adapter directory (with model card and eval) to the Hugging Face Hub"),
     "check-pairs": ("xbt.data.check:main", "decode every image of an image-text source once and report bad files"),
 }

@@ -82,7 +82,10 @@ class EvalArguments:
         "help": "faiss search parameters, e.g. nprobe=32 or efSearch=128"})
     shard_rows: int | None = field(default=None, metadata={"help": "gallery rows per search shard (default: 1 GiB)"})
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS), metadata={"help": "K of Recall@K, space-separated"})
-    seed: int = field(default=0, metadata={"help": "picks the re-embedded items of the backfill curve"})
+    seed: int = field(default=0, metadata={"help": "seeds the random ordering of the backfill curves"})
+    orderings: list[str] = field(default_factory=lambda: ["random", "hubness", "density", "oracle"], metadata={
+        "help": "backfill orderings compared (xbt.backfill.ORDERINGS), space-separated; oracle reads the "
+                "evaluation queries and is for reference only"})
     device: str = field(default="cpu", metadata={"help": "device the models encode on, e.g. cpu or cuda"})
     cache_dir: str | None = field(default=None, metadata={
         "help": "root of the embedding cache the evaluation vectors go through (default: OUTPUT_DIR/cache)"})
@@ -90,6 +93,11 @@ class EvalArguments:
     def __post_init__(self) -> None:
         if any(k < 1 for k in self.ks) or not self.ks:
             raise InputError(f"--ks must be positive integers, got {self.ks}.")
+        from .backfill import ORDERINGS
+
+        unknown = [name for name in self.orderings if name not in ORDERINGS]
+        if unknown or not self.orderings:
+            raise InputError(f"--orderings: unknown {unknown or 'none given'}; allowed: {', '.join(ORDERINGS)}.")
         if self.gallery_modality not in MODALITIES:
             raise InputError(f"--gallery_modality must be one of {MODALITIES}, got {self.gallery_modality!r}.")
         if not 0.0 <= self.blend_alpha <= 1.0:
@@ -194,7 +202,7 @@ def stored_spaces(galleries: dict, queries: dict) -> list:
     return spaces
 
 
-LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks")
+LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks", "--orderings")
 
 
 def _check_list_flags_once(argv: Sequence[str]) -> None:
@@ -220,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for name, path in named(args.galleries, "--galleries").items()}
     queries = {name: load_embeddings(path, args.query_ids) for name, path in named(args.queries, "--queries").items()}
     spaces = model_spaces(args) if eval_set is not None else stored_spaces(galleries, queries)
-    config = EvalConfig(ks=tuple(args.ks), seed=args.seed,
+    config = EvalConfig(ks=tuple(args.ks), seed=args.seed, orderings=tuple(args.orderings),
                         search=SearchConfig(args.index_factory, args.search_parameters, args.shard_rows))
     output = Path(args.output_dir)
     report = evaluate(eval_set, spaces, galleries, queries, args.gallery_modality, config,

@@ -7,7 +7,9 @@ The report is a plain JSON-serialisable dict (see :func:`cells_to_json` and
      "dataset": {...}, "search": {...}, "ks": [1, 5, 10],
      "cells": [{"direction", "query", "gallery", "name", "role", "query_space_id", "gallery_space_id",
                 "recall": {"1": ...}, "compatible", "gap_recovered", "exact_recall", "recall_loss"}, ...],
-     "backfill": {"text→image": {"query", "gallery", "fractions", "seed", "replaceable", "recall": {"1": [...]}}}}
+     "backfill": {"text→image": {"query", "gallery", "reembedded_by", "seed", "orderings": {"random": {
+         "fractions", "replaceable", "merge", "recall": {"1": [...]}, "auc": {"1": ...}}, "hubness": ...}}},
+     "backfill_new_model": {...the same, re-embedded by the new model: two indexes, rank merge...}}
 
 Everything here reads a cell's ``role`` (:data:`xbt.evaluation.plan.ROLES`), never its space names:
 the lower-bound line of the bar plot, the colours, the columns of the table.
@@ -104,16 +106,30 @@ def markdown(report: dict) -> str:
                 row += [_fmt(exact.get(k)) for k in ks]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    for direction, curve in report.get("backfill", {}).items():
-        lines += [f"## Backfill, {direction} (queries `{curve['query']}`, gallery `{curve['gallery']}`, "
-                  f"{curve['replaceable']} re-embeddable items, seed {curve['seed']})", "",
-                  "| p | " + " | ".join(f"R@{k}" for k in curve["recall"]) + " |",
-                  "|---|" + "---|" * len(curve["recall"])]
-        for index, fraction in enumerate(curve["fractions"]):
-            lines.append(f"| {fraction:.1f} | " + " | ".join(_fmt(values[index]) for values in curve["recall"].values())
-                         + " |")
-        lines.append("")
+    for key, curves in _backfills(report):
+        for direction, curve in curves.items():
+            orderings = curve["orderings"]
+            first = next(iter(orderings.values()))
+            k = next(iter(first["recall"]))
+            lines += [f"## {BACKFILLS[key]}, {direction} (queries `{curve['query']}`, gallery `{curve['gallery']}` "
+                      f"re-embedded by `{curve['reembedded_by']}`, {first['merge']} merge, {first['replaceable']} "
+                      f"items, seed {curve['seed']})", "",
+                      "| ordering | " + " | ".join(f"AUC R@{key_k}" for key_k in first["auc"]) + " | "
+                      + " | ".join(f"R@{k} p={p:.1f}" for p in first["fractions"]) + " |",
+                      "|---|" + "---|" * (len(first["auc"]) + len(first["fractions"]))]
+            for name, values in orderings.items():
+                lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in values["auc"].values()) + " | "
+                             + " | ".join(_fmt(v) for v in values["recall"][k]) + " |")
+            lines.append("")
     return "\n".join(lines)
+
+
+BACKFILLS = {"backfill": "Backfill with the adapter", "backfill_new_model": "Backfill with the new model"}
+
+
+def _backfills(report: dict) -> list[tuple[str, dict]]:
+    """The report's non-empty backfill sections, (key, {direction: curve})."""
+    return [(key, report[key]) for key in BACKFILLS if report.get(key)]
 
 
 # ---------------------------------------------------------------------------------
@@ -153,18 +169,24 @@ def plot_matrix(report: dict, path: Path, k: int | None = None) -> None:
 
 
 def plot_backfill(report: dict, path: Path) -> None:
-    """Recall against the re-embedded fraction p, one line per direction and K."""
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    for direction, curve in report.get("backfill", {}).items():
-        for k, values in curve["recall"].items():
-            axis.plot(curve["fractions"], values, marker="o", label=f"{direction} R@{k} ({curve['query']} queries)")
-    axis.set_xlabel("fraction of the gallery re-embedded (p)")
-    axis.set_ylabel("Recall@K (%)")
-    axis.set_title("Backfill curve")
-    axis.set_xlim(0, 1)
-    axis.grid(alpha=0.3)
-    if axis.lines:
-        axis.legend(fontsize=7)
+    """R@1 against the re-embedded fraction p: one panel per direction, one colour per ordering, solid for
+    the adapter's backfill, dashed for the new model's; the legend gives each curve's AUC."""
+    figure, axes = plt.subplots(1, len(DIRECTIONS), figsize=(11, 4.5), squeeze=False)
+    for axis, direction in zip(axes[0], DIRECTIONS, strict=True):
+        for key, curves in _backfills(report):
+            curve = curves.get(direction)
+            for number, (name, values) in enumerate((curve or {}).get("orderings", {}).items()):
+                k = next(iter(values["recall"]))
+                axis.plot(values["fractions"], values["recall"][k], color=f"C{number}", marker="o", markersize=3,
+                          linestyle="-" if key == "backfill" else "--",
+                          label=f"{name}, {curve['reembedded_by']} ({values['merge']}): AUC {values['auc'][k]:.1f}")
+        axis.set_title(f"Backfill, {direction}")
+        axis.set_xlabel("fraction of the gallery re-embedded (p)")
+        axis.set_ylabel("Recall@1 (%)")
+        axis.set_xlim(0, 1)
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -209,7 +231,7 @@ def write_report(report: dict, output: str | Path) -> dict[str, Path]:
     plot_matrix(report, output / PLOTS["matrix"])
     plot_recall_bars(report, output / PLOTS["recall_bars"])
     paths.update(matrix=output / PLOTS["matrix"], recall_bars=output / PLOTS["recall_bars"])
-    if report.get("backfill"):
+    if _backfills(report):
         plot_backfill(report, output / PLOTS["backfill"])
         paths["backfill"] = output / PLOTS["backfill"]
     logger.info("Report written to %s", output)

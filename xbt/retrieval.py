@@ -1,4 +1,4 @@
-"""Retrieval with faiss: top-K search, Recall@K, the compatibility matrix and the backfill curve.
+"""Retrieval with faiss: top-K search, Recall@K and the cells of the compatibility matrix.
 
 Conventions (see DESIGN.md, "Metrics, exactly"):
 
@@ -23,7 +23,6 @@ Conventions (see DESIGN.md, "Metrics, exactly"):
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from .evaluation.plan import DEFAULT_KS, DIRECTIONS, EXACT
 from .io import read_ids
 
 __all__ = ["DIRECTIONS", "DEFAULT_KS", "EXACT", "SearchConfig", "Labeled", "SearchResult", "CellResult",
-           "check_vectors", "check_pair", "search", "recall_at_k", "evaluate_cell", "backfill_curve",
+           "check_vectors", "check_pair", "search", "recall_at_k", "evaluate_cell",
            "load_embeddings", "uses_gpu"]
 
 logger = logging.getLogger(__name__)
@@ -344,13 +343,8 @@ def evaluate_cell(direction: str, query: str, gallery: str, queries: Labeled, it
 
 
 # ---------------------------------------------------------------------------------
-# Backfill curve
+# A partly re-embedded gallery (the backfill curves of xbt.backfill search it)
 # ---------------------------------------------------------------------------------
-def backfill_order(count: int, seed: int) -> np.ndarray:
-    """The order in which replaceable gallery items are re-embedded (nested subsets for growing p)."""
-    return np.random.default_rng(seed).permutation(count)
-
-
 class PartlyReplaced:
     """A gallery with some rows replaced, read one shard at a time (never materialised whole)."""
 
@@ -364,38 +358,6 @@ class PartlyReplaced:
         low, high = np.searchsorted(self.rows, [block.start, block.stop])
         out[self.rows[low:high] - block.start] = self.vectors[low:high]
         return out
-
-
-def backfill_curve(queries: Labeled, old_gallery: Labeled, reembedded: np.ndarray,
-                   replaceable_rows: np.ndarray | None = None,
-                   fractions: Sequence[float] = tuple(i / 10 for i in range(11)), seed: int = 0,
-                   ks: Sequence[int] = DEFAULT_KS, config: SearchConfig | None = None, validate: bool = True) -> dict:
-    """Recall when a fraction p of the gallery has been re-embedded (the rest left old).
-
-    ``reembedded[i]`` is the new-space embedding of gallery row ``replaceable_rows[i]`` (default:
-    every row, in order). For each p the first ``round(p · n)`` items of a seeded permutation are
-    replaced, so larger p re-embeds a superset of smaller p.
-    """
-    rows = np.arange(len(old_gallery)) if replaceable_rows is None else np.asarray(replaceable_rows)
-    if reembedded.shape != (len(rows), old_gallery.dim):
-        raise InputError(f"Backfill: {reembedded.shape} re-embedded vectors for {len(rows)} replaceable "
-                         f"gallery rows of dimension {old_gallery.dim}.")
-    bad = [p for p in fractions if not 0.0 <= p <= 1.0]
-    if bad:
-        raise InputError(f"Backfill fractions must lie in [0, 1]; got {bad}.")
-    if validate:  # callers that checked the vectors already skip a full pass over a large gallery
-        check_vectors(reembedded, "Backfill: re-embedded gallery")
-        check_pair(queries, old_gallery, "Backfill")
-    order = backfill_order(len(rows), seed)
-    recall: dict[int, list[float]] = {int(k): [] for k in ks}
-    for p in tqdm(fractions, desc="backfill", unit="step", disable=len(old_gallery) < 100_000):
-        chosen = order[:int(math.floor(p * len(rows) + 0.5))]
-        mixed = PartlyReplaced(old_gallery.vectors, rows[chosen], reembedded[chosen])
-        result = search(queries.vectors, mixed, max(ks), config, f"backfill p={p:.1f}")
-        for k, value in recall_from_ranks(first_hit_rank(result, queries.labels, old_gallery.labels), ks).items():
-            recall[k].append(value)
-    return {"fractions": [float(p) for p in fractions], "seed": seed, "replaceable": int(len(rows)),
-            "recall": recall}
 
 
 # ---------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from ..retrieval import (
     CellResult,
     Labeled,
     SearchConfig,
-    backfill_curve,
     check_pair,
     evaluate_cell,
     uses_gpu,
@@ -30,6 +29,7 @@ from .plan import (
     MODALITIES,
     QUERY_MODALITY,
     REINDEXED,
+    UPPER_BOUND,
     PlannedCell,
     Space,
     plan_cells,
@@ -41,10 +41,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalConfig:
-    """What to measure. ``fractions`` is the backfill grid; ``seed`` picks the re-embedded items."""
+    """What to measure. ``fractions`` is the backfill grid, ``orderings`` the re-embedding orders compared
+    (:data:`xbt.backfill.ORDERINGS`); ``seed`` seeds the random one."""
 
     ks: tuple[int, ...] = DEFAULT_KS
     fractions: tuple[float, ...] = tuple(i / 10 for i in range(11))
+    orderings: tuple[str, ...] = ("random", "hubness", "density", "oracle")
     seed: int = 0
     search: SearchConfig = field(default_factory=SearchConfig)
 
@@ -148,23 +150,32 @@ def _replaceable_rows(gallery: Labeled, items: Labeled) -> np.ndarray | None:
     return first[position] if np.array_equal(unique[position], items.labels) else None
 
 
-def _backfill_curves(plan: list[PlannedCell], pools: dict, config: EvalConfig) -> dict[str, dict]:
-    """Per direction, the backfill curve of the first compatibility cell whose adapter also re-embedded the gallery
-    (its reindexed self cell exists): from ``adapter→old`` (p = 0) to ``adapter→adapter`` (p = 1)."""
+def _backfill_curves(plan: list[PlannedCell], pools: dict, config: EvalConfig, reembed_role: str) -> dict[str, dict]:
+    """Per direction, the backfill curves (one per ordering) from the first compatibility cell ``adapter→old``
+    (p = 0) to the self cell of the re-embedding space whose role is ``reembed_role`` (p = 1): the adapter
+    itself (``REINDEXED``: one index, score merge) or the new model (``UPPER_BOUND``: two indexes, rank merge)."""
+    from ..backfill import curves_by_ordering
+
     curves: dict[str, dict] = {}
-    reindexed = {(c.direction, c.query) for c in plan if c.role == REINDEXED and c.query == c.gallery}
+    targets = {c.direction: c.query for c in plan if c.role == reembed_role and c.query == c.gallery}
     for cell in plan:
-        if cell.role != COMPATIBILITY or cell.direction in curves or (cell.direction, cell.query) not in reindexed:
+        if cell.role != COMPATIBILITY or cell.direction in curves or cell.direction not in targets:
             continue
+        if reembed_role == REINDEXED and targets[cell.direction] != cell.query:
+            continue  # score merge: the gallery re-embedded by this very adapter
         queries, galleries = pools[cell.direction]
-        rows = _replaceable_rows(galleries[cell.gallery], galleries[cell.query])
+        target = targets[cell.direction]
+        rows = _replaceable_rows(galleries[cell.gallery], galleries[target])
         if rows is None:
             logger.warning("No backfill curve for %s: the %s gallery cannot be matched item by item with the %s one.",
-                           cell.direction, cell.gallery, cell.query)
+                           cell.direction, cell.gallery, target)
             continue
-        curves[cell.direction] = {"query": cell.query, "gallery": cell.gallery, **backfill_curve(
-            queries[cell.query], galleries[cell.gallery], np.asarray(galleries[cell.query].vectors), rows,
-            config.fractions, config.seed, config.ks, config.search, validate=False)}  # vectors checked already
+        cross = galleries[target].space_id != galleries[cell.gallery].space_id
+        curves[cell.direction] = {
+            "query": cell.query, "gallery": cell.gallery, "reembedded_by": target, "seed": config.seed,
+            "orderings": curves_by_ordering(queries[cell.query], galleries[cell.gallery], galleries[target], rows,
+                                            config.orderings, config.seed, config.fractions, config.ks, config.search,
+                                            reembedded_queries=queries[target] if cross else None)}
     return curves
 
 
@@ -229,5 +240,6 @@ def evaluate(
                    "shard_rows": config.search.shard_rows, "gpu": uses_gpu(config.search)},
         "ks": list(config.ks),
         "cells": cells_to_json(cells),
-        "backfill": _backfill_curves(plan, pools, config),
+        "backfill": _backfill_curves(plan, pools, config, REINDEXED),
+        "backfill_new_model": _backfill_curves(plan, pools, config, UPPER_BOUND),
     }
