@@ -44,7 +44,7 @@ STORED_KINDS = {OLD: OLD_MODEL, NEW: NEW_MODEL}  # any other stored name: an ada
 class EvalArguments:
     """Options of ``xbt eval`` (``--config FILE.yaml`` gives any of them; flags override the file)."""
 
-    output_dir: str = field(metadata={"help": "folder for metrics.json, report.md and the PNG plots"})
+    output_dir: str = field(metadata={"help": "folder for metrics.json, report.md, report.html and the PNG plots"})
     old_model: str | None = field(default=None, metadata={
         "help": "old model reference (its space holds the gallery), e.g. open_clip:ViT-B-32/openai, or an "
                 "xbt: adapter that writes into it (a chained upgrade)"})
@@ -235,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       args.cache_dir or output / "cache")
 
     paths = write_report(report, output)
+    from .html_report import thumbnails, write_html
+
+    paths["html"] = write_html(report, output, paths, thumbnails(eval_set) if eval_set is not None else None)
     k = str(args.ks[0])
     for cell in report["cells"]:
         compatible = "" if cell["compatible"] is None else (

@@ -22,6 +22,7 @@ from ..retrieval import (
 )
 from ..spaces import check_same_space
 from .encode import EvalSet, encode_space
+from .examples import example_queries
 from .plan import (
     COMPATIBILITY,
     DIRECTIONS,
@@ -242,4 +243,5 @@ def evaluate(
         "cells": cells_to_json(cells),
         "backfill": _backfill_curves(plan, pools, config, REINDEXED),
         "backfill_new_model": _backfill_curves(plan, pools, config, UPPER_BOUND),
+        "examples": example_queries(plan, pools, eval_set),
     }
