@@ -232,3 +232,26 @@ def test_bad_caption_corpus_options(local_copies):
         load_captions(CaptionConfig(**corpus, split_column="split", split_values=["restval"], split="validation"))
     with pytest.raises(InputError, match="column 'sentences' has no field 'text'"):
         load_captions(CaptionConfig(**{**corpus, "column": "sentences.text"}))
+
+
+def test_eval_recipe_with_an_empty_split_is_one_error_line(local_copies, capsys):
+    from xbt.cli import main as cli_main
+
+    assert cli_main(["eval", "--config", str(PAPER / "eval/coco-karpathy-test.yaml"), "--eval_set",
+                     str(local_copies["coco"]), "--split_values", "testing"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("xbt eval: error: ") and error.count("\n") == 1
+    assert "no row has split in ['testing'] (values found: ['test'])" in error
+
+
+def test_split_column_of_an_image_folder(tmp_path):
+    for number in range(3):
+        (tmp_path / f"{number}.png").write_bytes(png(number))
+    (tmp_path / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{n}.png", "caption": f"caption {n}", "split": s}) + "\n"
+        for n, s in enumerate(["train", "test", "test"])))
+    source = open_pairs(PairDataConfig(source=str(tmp_path), split_column="split", split_values=["test"]))
+    assert source.ids == ["1.png", "2.png"] and source.captions == [["caption 1"], ["caption 2"]]
+    with pytest.raises(InputError, match="tar shards have no columns"):
+        open_pairs(PairDataConfig(source=str(tmp_path / "a.tar"), format="webdataset", split_column="split",
+                                  split_values=["test"]))
