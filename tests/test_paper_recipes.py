@@ -135,8 +135,12 @@ def check_fit(path: Path, copy: Path, kind: str, splits: set[str], tmp_path: Pat
 def check_eval(path: Path, copy: Path, kind: str, splits: set[str], tmp_path: Path) -> None:
     """An eval file: xbt eval's own argument parsing, then its own opening of the evaluation set."""
     (as_written,) = parse_configs([EvalArguments], ["--config", str(path)], prog="xbt eval", description=None)
+    trained = config_from(PAPER / "fit/b32-to-l14.yaml")  # the run an eval file names: its models and adapter
+    assert (as_written.old_model, as_written.new_model, as_written.adapter) == (
+        trained.old_model, trained.new_model, f"{trained.run_dir}/stage2/adapter")
     if as_written.reference_numbers:
-        load_published(as_written.reference_numbers)
+        published = load_published(as_written.reference_numbers)
+        assert (published.old_model, published.new_model) == (trained.old_model, trained.new_model)
     (args,) = parse_configs([EvalArguments], ["--config", str(path), "--eval_set", str(copy)], prog="xbt eval",
                             description=None)
     check_pairs(open_eval_set(args).source, kind, splits)
@@ -209,7 +213,8 @@ def test_eval_prints_published_column(tmp_path, capsys):
 # ----------------------------------------------------------------------------- bad input: one line each
 
 BAD = [
-    ({"split_column": "split", "split_values": ["nope"]}, r"no row has split in \['nope'\] \(values found: \['other', "),
+    ({"split_column": "split", "split_values": ["nope"]},
+     r"no row has split in \['nope'\] \(values found: \['other', 'test', 'train', 'val'\]\)"),
     ({"split_column": "karpathy", "split_values": ["test"]}, "no split column 'karpathy'"),
     ({"split_column": "split"}, "split_column 'split' needs split_values"),
     ({"split_values": ["test"]}, "need split_column"),

@@ -29,7 +29,7 @@ class CaptionConfig(SplitRows):
     column: str = field(default="text", metadata={
         "help": "column holding the captions: strings or lists of strings; COLUMN.FIELD reads a field of a struct "
                 "column (ignored for .txt)"})
-    split: str = field(default="train", metadata={"help": "split of a Hub dataset ('a+b' reads both)"})
+    split: str = field(default="train", metadata={"help": "split of a Hub or save_to_disk dataset ('a+b' reads both)"})
     validation_size: float = field(default=0.05, metadata={
         "help": "held-out validation captions: a fraction (< 1) or a count (>= 1)"})
     max_captions: int | None = field(default=None, metadata={"help": "keep only the first N usable captions"})

@@ -10,7 +10,7 @@ than in the dataset's splits, so one reader serves both stage 1 and stage 2 and 
 - a field of a struct column: ``sentences.raw`` is the ``raw`` field of COCO's per-caption
   ``sentences`` struct (the column name ``Dataset.flatten()`` gives it).
 
-Every problem is one-line :class:`~xbt.errors.InputError` naming the table, the column and
+Every problem is a one-line :class:`~xbt.errors.InputError` naming the table, the column and
 what it holds.
 """
 
