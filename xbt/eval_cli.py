@@ -30,10 +30,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import parse_configs
+from .data.tables import SplitRows
 from .errors import InputError
 from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, MODALITIES, NEW_MODEL, OLD_MODEL
+
+if TYPE_CHECKING:  # torch-heavy; only for the annotation
+    from .evaluation.encode import EvalSet
 
 OLD, NEW, XBT, BLEND, DENOISED_NAME = "old", "new", "xbt", "xbt+old", "old-denoised"
 RESERVED = (OLD, NEW, XBT, BLEND, DENOISED_NAME)
@@ -41,7 +46,7 @@ STORED_KINDS = {OLD: OLD_MODEL, NEW: NEW_MODEL}  # any other stored name: an ada
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(SplitRows):
     """Options of ``xbt eval`` (``--config FILE.yaml`` gives any of them; flags override the file)."""
 
     output_dir: str = field(metadata={"help": "folder for metrics.json, report.md, report.html and the PNG plots"})
@@ -62,7 +67,14 @@ class EvalArguments:
     id_column: str | None = field(default=None, metadata={
         "help": "column of the evaluation set holding the image ids that a stored gallery's ids refer to "
                 "(any strings); default: the image file names (folders) or row numbers (tables)"})
-    split: str = field(default="test", metadata={"help": "split of a Hub or save_to_disk evaluation set"})
+    split: str = field(default="test", metadata={"help": "split of a Hub or save_to_disk evaluation set "
+                                                         "('a+b' reads both)"})
+    caption_column: str | None = field(default=None, metadata={
+        "help": "caption column of the evaluation set (default: captions, caption or text); COLUMN.FIELD reads a "
+                "field of a struct column, e.g. sentences.raw"})
+    reference_numbers: str | None = field(default=None, metadata={
+        "help": "print published numbers beside the run's (and add them to metrics.json): a PROTOCOL of "
+                "configs/paper/reference_numbers.yaml, e.g. flickr30k, or FILE.yaml:PROTOCOL"})
     galleries: list[str] = field(default_factory=list, metadata={
         "help": "stored galleries as SPACE=FILE (an xbt embed folder, .npy, .safetensors, .faiss/.index), e.g. "
                 "old=prod/gallery.faiss; "
@@ -91,6 +103,7 @@ class EvalArguments:
         "help": "root of the embedding cache the evaluation vectors go through (default: OUTPUT_DIR/cache)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if any(k < 1 for k in self.ks) or not self.ks:
             raise InputError(f"--ks must be positive integers, got {self.ks}.")
         from .backfill import ORDERINGS
@@ -202,6 +215,14 @@ def stored_spaces(galleries: dict, queries: dict) -> list:
     return spaces
 
 
+def open_eval_set(args: EvalArguments) -> EvalSet:
+    """The ``--eval_set`` with its split, columns and ids, opened and checked (no model is loaded)."""
+    from .evaluation import load_eval_set
+
+    return load_eval_set(args.eval_set, args.id_column, args.split, caption_column=args.caption_column,
+                         split_column=args.split_column, split_values=args.split_values)
+
+
 LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks", "--orderings")
 
 
@@ -218,12 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(argv or [])
     _check_list_flags_once(argv)
     (args,) = parse_configs([EvalArguments], argv, prog="xbt eval", description=__doc__)
-    from .evaluation import EvalConfig, evaluate, load_eval_set
+    from .evaluation import EvalConfig, evaluate
+    from .evaluation.published import attach_published, describe, load_published
     from .report import write_report
     from .retrieval import SearchConfig, load_embeddings
 
     # Everything cheap to check is read and checked before any model is loaded or anything encoded.
-    eval_set = load_eval_set(args.eval_set, args.id_column, args.split) if args.eval_set else None
+    published = load_published(args.reference_numbers) if args.reference_numbers else None
+    eval_set = open_eval_set(args) if args.eval_set else None
     galleries = {name: load_embeddings(path, args.gallery_ids)
                  for name, path in named(args.galleries, "--galleries").items()}
     queries = {name: load_embeddings(path, args.query_ids) for name, path in named(args.queries, "--queries").items()}
@@ -233,17 +256,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output_dir)
     report = evaluate(eval_set, spaces, galleries, queries, args.gallery_modality, config,
                       args.cache_dir or output / "cache")
+    if published is not None:
+        attach_published(report, published, args.old_model, args.new_model)
 
     paths = write_report(report, output)
     from .html_report import thumbnails, write_html
 
     paths["html"] = write_html(report, output, paths, thumbnails(eval_set) if eval_set is not None else None)
     k = str(args.ks[0])
+    if published is not None:
+        print(describe(report))
     for cell in report["cells"]:
         compatible = "" if cell["compatible"] is None else (
             "  compatible" if cell["compatible"][k] else "  NOT compatible")
+        reference = f"  published {cell['published'][k]:5.2f}" if k in cell.get("published", {}) else ""
         print(f"{cell['direction']:>11} {cell['name']:<24} {cell['role']:<14} R@{k} {cell['recall'][k]:5.1f}"
-              f"{compatible}")
+              f"{reference}{compatible}")
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

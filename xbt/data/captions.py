@@ -4,7 +4,10 @@ A corpus comes from one of:
 
 - a plain text file (``.txt``): one caption per line;
 - a JSONL / JSON, CSV or Parquet file: the captions are the column named by ``column``;
-- a Hub dataset name (anything that is not an existing file): ``split`` and ``column``.
+- a ``save_to_disk`` folder or a Hub dataset name (anything that is not an existing file): ``split``
+  and ``column``, optionally rows kept by ``split_column`` / ``split_values`` (see :mod:`xbt.data.tables`).
+
+A cell holding a list of captions contributes each of them.
 
 Captions are stripped; empty or whitespace-only ones are dropped and counted, exact
 duplicates are removed (first occurrence kept, counted), and a seeded, held-out
@@ -36,6 +39,7 @@ import numpy as np
 
 from ..errors import InputError
 from .config import CaptionConfig
+from .tables import filter_split, read_column, select_split
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +100,26 @@ def split_indices(count: int, validation_size: float, seed: int) -> tuple[np.nda
     return np.sort(permutation[size:]), np.sort(permutation[:size])
 
 
-def read_raw_captions(source: str, column: str = "text", split: str = "train") -> list:
-    """The raw caption column of a file or Hub dataset, as a list (no cleaning)."""
+def read_raw_captions(config: CaptionConfig) -> list:
+    """The raw caption column of a file, saved dataset or Hub dataset, as a list (no cleaning).
+
+    Rows are first kept by ``config.split_column`` / ``split_values`` (a protocol split held in a column);
+    ``config.column`` may name a struct field (``sentences.raw``). Cells may be strings or lists of them.
+    """
     import datasets
 
+    source, column, split = config.captions, config.column, config.split
     if not source:
-        raise InputError("No caption corpus given: pass a .txt/.jsonl/.csv/.parquet file or a Hub dataset name.")
+        raise InputError("No caption corpus given: pass a .txt/.jsonl/.csv/.parquet file, a save_to_disk folder or "
+                         "a Hub dataset name.")
     path = Path(source).expanduser()
-    if path.is_dir():
-        raise InputError(f"{source!r} is a directory; pass one caption file (.txt, .jsonl, .json, .csv, .parquet).")
-    if path.exists() or path.suffix.lower() in FILE_FORMATS:
+    saved = path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+    if path.is_dir() and not saved:
+        raise InputError(f"{source!r} is a directory; pass one caption file (.txt, .jsonl, .json, .csv, .parquet) "
+                         "or a save_to_disk folder.")
+    if saved:
+        name, kwargs, where = None, {}, f"saved dataset {source!r} (split {split!r})"
+    elif path.exists() or path.suffix.lower() in FILE_FORMATS:
         if not path.is_file():
             raise InputError(f"Caption file {str(path)!r} does not exist.")
         builder = FILE_FORMATS.get(path.suffix.lower())
@@ -120,13 +134,11 @@ def read_raw_captions(source: str, column: str = "text", split: str = "train") -
         name, kwargs, where = source, {"split": split}, f"Hub dataset {source!r} (split {split!r})"
     datasets.disable_progress_bars()
     try:
-        dataset = datasets.load_dataset(name, **kwargs)
+        dataset = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(name, **kwargs)
     except Exception as error:  # datasets raises many types for unreadable data
         raise InputError(f"Could not read captions from {where}: {type(error).__name__}: {error}") from error
-    if column not in dataset.column_names:
-        raise InputError(f"{where} has no column {column!r}; its columns are {dataset.column_names}. "
-                         f"Pass the caption column with --column.")
-    return dataset[column]
+    dataset = filter_split(select_split(dataset, split, where), config.split_column, config.split_values, where)
+    return read_column(dataset, column, where)
 
 
 def clean_captions(raw: Sequence) -> tuple[list[str], int, int]:
@@ -154,7 +166,8 @@ def clean_captions(raw: Sequence) -> tuple[list[str], int, int]:
 
 def load_captions(config: CaptionConfig) -> CaptionCorpus:
     """Read, clean and split a caption corpus; raises :class:`InputError` on any unusable input."""
-    raw = read_raw_captions(config.captions, config.column, config.split)
+    # A nested cell (nlphuji/flickr30k's list of five captions per image) contributes each of its captions.
+    raw = [text for cell in read_raw_captions(config) for text in (cell if isinstance(cell, list) else [cell])]
     texts, empty, duplicates = clean_captions(raw)
     if config.max_captions is not None:
         texts = texts[: config.max_captions]

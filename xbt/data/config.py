@@ -13,19 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import InputError
+from .tables import SplitRows
 
 PAIR_FORMATS = ("auto", "folder", "disk", "parquet", "hub", "webdataset")
 CACHE_DTYPES = ("float16", "float32")  # the storage dtypes xbt.cache writes
 
 
 @dataclass
-class CaptionConfig:
+class CaptionConfig(SplitRows):
     """Where the captions come from and how the validation slice is held out."""
 
     captions: str = field(default="", metadata={
-        "help": "caption corpus: a .txt (one caption per line), .jsonl/.json/.csv/.parquet file, or a Hub dataset name"})
-    column: str = field(default="text", metadata={"help": "column holding the captions (ignored for .txt)"})
-    split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+        "help": "caption corpus: a .txt (one caption per line), .jsonl/.json/.csv/.parquet file, a save_to_disk "
+                "folder, or a Hub dataset name"})
+    column: str = field(default="text", metadata={
+        "help": "column holding the captions: strings or lists of strings; COLUMN.FIELD reads a field of a struct "
+                "column (ignored for .txt)"})
+    split: str = field(default="train", metadata={"help": "split of a Hub or save_to_disk dataset ('a+b' reads both)"})
     validation_size: float = field(default=0.05, metadata={
         "help": "held-out validation captions: a fraction (< 1) or a count (>= 1)"})
     max_captions: int | None = field(default=None, metadata={"help": "keep only the first N usable captions"})
@@ -36,18 +40,20 @@ class CaptionConfig:
             raise InputError(f"validation_size must be >= 0 (a fraction or a count), got {self.validation_size}.")
         if self.max_captions is not None and self.max_captions < 1:
             raise InputError(f"max_captions must be >= 1 (or unset for all), got {self.max_captions}.")
+        super().__post_init__()
 
 
 @dataclass(kw_only=True)
-class PairSourceConfig:
+class PairSourceConfig(SplitRows):
     """Where image-text pairs come from and how they are read."""
 
     source: str = field(metadata={"help": "image folder, save_to_disk folder, parquet file/folder/glob, "
                                           "tar shard folder/file/glob, or a Hub dataset name"})
     format: str = field(default="auto", metadata={"help": f"one of {', '.join(PAIR_FORMATS)}"})
-    split: str = field(default="train", metadata={"help": "split of a Hub or save_to_disk dataset"})
+    split: str = field(default="train", metadata={"help": "split of a Hub or save_to_disk dataset ('a+b' reads both)"})
     image_column: str = field(default="image", metadata={"help": "image column of a table source"})
-    caption_column: str | None = field(default=None, metadata={"help": "default: captions, caption or text"})
+    caption_column: str | None = field(default=None, metadata={
+        "help": "default: captions, caption or text; COLUMN.FIELD reads a field of a struct column (sentences.raw)"})
     id_column: str | None = field(default=None, metadata={"help": "id column (default: file_name, row index)"})
     caption_separator: str | None = field(default=None, metadata={"help": "split caption strings on this"})
     max_bad_fraction: float = field(default=0.01, metadata={
@@ -67,6 +73,7 @@ class PairSourceConfig:
             raise InputError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}.")
         if self.shuffle_buffer < 1:
             raise InputError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}.")
+        super().__post_init__()
 
 
 @dataclass(kw_only=True)

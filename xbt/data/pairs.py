@@ -10,7 +10,9 @@ Sources (``PairDataConfig.source``; ``format="auto"`` tells them apart):
 - ``disk`` (a ``Dataset.save_to_disk`` folder), ``parquet`` (file, folder or glob)
   and ``hub`` (a dataset name for ``datasets.load_dataset``): a table with an image
   column (an ``Image`` feature, encoded bytes, or file paths) and a caption column.
-  Id = ``id_column`` if given, else the row index.
+  Id = ``id_column`` if given, else the row index. ``split`` may join splits (``train+validation``),
+  ``split_column`` / ``split_values`` keep the rows of a split held in a column, and a caption column
+  may be a struct field (``sentences.raw``): see :mod:`xbt.data.tables`.
 - ``webdataset``: tar shards of ``{key}.jpg|png|...`` + ``{key}.txt|json`` (a folder,
   a file or a glob), streamed; see :mod:`xbt.data.webdataset`. Id = key.
 
@@ -72,6 +74,7 @@ from .examples import NO_CAPTION, BadExample, Transform, clean_captions, make_ex
 from .config import PairDataConfig
 from .packed import PackedCaptions, PackedStrings
 from .quality import DataQuality, collate_pairs
+from .tables import filter_split, has_column, read_column, select_split
 from .webdataset import SHARD_SUFFIXES, WebDatasetPairs, find_shards, iter_shard_captions
 
 logger = logging.getLogger(__name__)
@@ -163,6 +166,9 @@ def open_pairs(config: PairDataConfig) -> PairSource:
     """
     kind = config.format if config.format != "auto" else detect_format(config.source)
     if kind == "webdataset":
+        if config.split_column is not None:
+            raise InputError(f"split_column {config.split_column!r}: tar shards have no columns; keep one split "
+                             "per set of shards.")
         shards = find_shards(config.source)
         return PairSource(config, kind, f"{len(shards)} tar shard(s) at {config.source}", shards=shards)
     if kind == "folder":
@@ -231,6 +237,7 @@ def _open_folder(config: PairDataConfig) -> PairSource:
             table = datasets.Dataset.from_json(str(metadata))
     except Exception as error:  # datasets/pyarrow raise many types for malformed files
         raise InputError(f"Cannot read {str(metadata)!r}: {type(error).__name__}: {error}") from error
+    table = filter_split(table, config.split_column, config.split_values, str(metadata))
     caption_column = _caption_column(config, table.column_names, str(metadata))
     if "file_name" not in table.column_names:
         raise InputError(f"{str(metadata)!r} has no 'file_name' column (columns: {table.column_names}).")
@@ -238,7 +245,7 @@ def _open_folder(config: PairDataConfig) -> PairSource:
         raise InputError(f"{str(metadata)!r} has a row with an empty file_name.")
     json_list = metadata.suffix == ".csv" and caption_column == "captions"
     captions = (clean_captions(cell, separator=config.caption_separator, json_list=json_list)
-                for cell in table[caption_column])
+                for cell in read_column(table, caption_column, str(metadata)))
     ids = _ids(config, table, str(metadata)) or table["file_name"]
     source = PairSource(config, "folder", f"image folder {str(root)!r}")
     file_names = _group(source, zip(ids, table["file_name"], captions), same_image_required=True)
@@ -262,12 +269,9 @@ def _open_table(config: PairDataConfig, kind: str) -> PairSource:
         raise InputError(f"Cannot find pair dataset {config.source!r}: {error}") from error
     except (ValueError, OSError) as error:
         raise InputError(f"Cannot load pair dataset {config.source!r} ({kind}): {error}") from error
-    if isinstance(table, datasets.DatasetDict):
-        if config.split not in table:
-            raise InputError(f"Dataset {config.source!r} has no split {config.split!r} "
-                             f"(splits: {sorted(table)}).")
-        table = table[config.split]
+    table = select_split(table, config.split, f"Dataset {config.source!r}")
     where = f"{kind} dataset {config.source!r}"
+    table = filter_split(table, config.split_column, config.split_values, where)
     if config.image_column not in table.column_names:
         raise InputError(f"{where} has no image column {config.image_column!r} (columns: {table.column_names}); "
                          "set image_column.")
@@ -276,7 +280,8 @@ def _open_table(config: PairDataConfig, kind: str) -> PairSource:
     if isinstance(table.features[config.image_column], datasets.Image):
         table = table.cast_column(config.image_column, datasets.Image(decode=False))
     source = PairSource(config, kind, where)
-    captions = (clean_captions(cell, separator=config.caption_separator) for cell in table[caption_column])
+    captions = (clean_captions(cell, separator=config.caption_separator)
+                for cell in read_column(table, caption_column, where))
     rows = _group(source, zip(ids, range(len(table)), captions), same_image_required=False)
     local = Path(config.source)
     # Workers get only the image column: other columns may be large and are not needed there.
@@ -288,7 +293,7 @@ def _open_table(config: PairDataConfig, kind: str) -> PairSource:
 
 def _caption_column(config: PairDataConfig, columns: list[str], where: str) -> str:
     if config.caption_column is not None:
-        if config.caption_column not in columns:
+        if not has_column(config.caption_column, columns):
             raise InputError(f"{where} has no caption column {config.caption_column!r} (columns: {columns}).")
         return config.caption_column
     found = next((name for name in CAPTION_COLUMNS if name in columns), None)

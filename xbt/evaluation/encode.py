@@ -90,11 +90,12 @@ class EvalSet:
 
 
 def load_eval_set(source: str | Path, id_column: str | None = None, split: str = "test",
-                  data_format: str = "auto") -> EvalSet:
+                  data_format: str = "auto", **options: Any) -> EvalSet:
     """Open an evaluation set with :func:`xbt.data.pairs.open_pairs` and check it before anything is encoded
-    (for image folders: that every listed file exists; ids: that each names one image)."""
+    (for image folders: that every listed file exists; ids: that each names one image). ``options``: other
+    :class:`~xbt.data.config.PairSourceConfig` options (``caption_column``, ``split_column``, ``split_values``)."""
     pairs = open_pairs(PairDataConfig(source=str(source), format=data_format, split=split, id_column=id_column,
-                                      shuffle=False))
+                                      shuffle=False, **options))
     if pairs.streamed:
         raise InputError(f"{pairs.description}: evaluation needs every image by position; tar shards are streamed. "
                          f"Use an image folder, parquet or save_to_disk copy of the set.")
