@@ -52,15 +52,20 @@ def configure_progress(show: bool | None = None) -> None:
 
     Works through the libraries' environment switches (``TQDM_DISABLE=1`` and the
     datasets / huggingface_hub ones), so it must run before tqdm is imported, and child
-    processes (``accelerate launch`` workers) inherit it. A switch the user set already
-    is left alone. Entry points other than this console script (the scripts that
-    ``accelerate launch`` runs) call it first thing.
+    processes (``accelerate launch`` workers) inherit it. Without an explicit choice a
+    switch the user set already is left alone; ``show=True`` (``--progress``) clears the
+    switches, since they may be left from an earlier call in the same process. Entry points
+    other than this console script (the scripts that ``accelerate launch`` runs) call it
+    first thing.
     """
-    if show is None:
-        show = sys.stderr.isatty()
-    if not show:
+    if show is True:
         for name in PROGRESS_SWITCHES:
-            os.environ.setdefault(name, "1")
+            os.environ.pop(name, None)
+        return
+    if show is None and sys.stderr.isatty():
+        return
+    for name in PROGRESS_SWITCHES:
+        os.environ.setdefault(name, "1")
 
 
 def _version() -> str:
