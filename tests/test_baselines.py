@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from xbt.baselines import fit_baseline, fit_procrustes, fit_ridge
+from xbt.baselines import BASELINES, fit_baseline, fit_low_rank, fit_mlp, fit_procrustes, fit_ridge
 from xbt.cache import build_cache, EmbeddingSource
 from xbt.errors import InputError
 from xbt.projection import Projection
@@ -60,7 +60,7 @@ def test_fits_stream_over_a_memory_mapped_cache_and_save_like_a_trained_projecti
                         progress=False)
     monkeypatch.setattr("xbt.baselines.CHUNK_ROWS", 50)  # several chunks across several shards
     fingerprints = {"source_space": "synthetic-new", "target_space": "synthetic-old"}
-    for name in ("procrustes", "ridge"):
+    for name in ("procrustes", "ridge", "low_rank"):
         projection = fit_baseline(name, cache["new"], cache["old"], **fingerprints)
         projection.save_pretrained(tmp_path / name)
         loaded = Projection.from_pretrained(tmp_path / name)
@@ -75,5 +75,76 @@ def test_bad_inputs():
         fit_procrustes(np.zeros((3, 4)), np.zeros((2, 4)))
     with pytest.raises(InputError, match="at least one"):
         fit_ridge(np.zeros((0, 4)), np.zeros((0, 4)))
-    with pytest.raises(InputError, match="Unknown baseline"):
+    with pytest.raises(InputError, match="Unknown baseline 'pca'"):
         fit_baseline("pca", np.zeros((3, 4)), np.zeros((3, 4)))
+    with pytest.raises(InputError, match="Unknown baseline 'ridge\\+scale'"):
+        fit_baseline("ridge+scale", np.zeros((3, 4)), np.zeros((3, 4)))
+    with pytest.raises(InputError, match="rank >= 1"):
+        fit_low_rank(np.ones((3, 4)), np.ones((3, 4)), rank=0)
+    with pytest.raises(InputError, match="steps >= 1"):
+        fit_mlp(np.ones((3, 4)), np.ones((3, 4)), steps=0)
+
+
+def low_rank_pairs(rank: int, seed: int = 0, count: int = 3000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs related by an affine map whose weight has rank ``rank`` (no noise), and that weight."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((12, rank)) @ rng.standard_normal((rank, 20))  # (old 12, new 20)
+    new = rng.standard_normal((count, 20))
+    return new, new @ weight.T + rng.standard_normal(12), weight
+
+
+def squared_error(projection: Projection, new: np.ndarray, old: np.ndarray) -> float:
+    with torch.no_grad():
+        output = projection.extended(torch.from_numpy(new).float()).double().numpy()
+    return float(((output - old) ** 2).sum(1).mean())
+
+
+def test_low_rank_recovers_a_rank_r_map_at_rank_r_but_not_below():
+    new, old, weight = low_rank_pairs(rank=4)
+    exact = fit_low_rank(new, old, rank=4, alpha=0.0)
+    np.testing.assert_allclose(exact.linear.weight.detach().numpy(), weight, atol=1e-3)
+    assert np.linalg.matrix_rank(exact.linear.weight.detach().double().numpy(), tol=1e-3) == 4
+    assert squared_error(exact, new, old) < 1e-8 * float((old ** 2).sum(1).mean())
+    short = fit_low_rank(new, old, rank=3, alpha=0.0)
+    assert squared_error(short, new, old) > 0.01 * float(((old - old.mean(0)) ** 2).sum(1).mean())
+    # the rank-3 fit is the best rank-3 map: no worse than truncating the true weight's SVD
+    left, values, right = np.linalg.svd(weight)
+    truncated = Projection.from_linear_map(torch.from_numpy((left[:, :3] * values[:3]) @ right[:3]).float(),
+                                           short.linear.bias.detach())
+    assert squared_error(short, new, old) <= squared_error(truncated, new, old) * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("name", ["procrustes+diag", "ridge+diag", "low_rank+diag"])
+def test_diagonal_scaling_recovers_a_known_scale(name):
+    new = np.linalg.qr(np.random.default_rng(0).standard_normal((600, 10)))[0] * np.sqrt(600)  # whitened
+    scale = np.linspace(0.5, 2.0, 10)
+    projection = fit_baseline(name, new, new * scale)
+    np.testing.assert_allclose(projection.linear.weight.detach().numpy(), np.diag(scale), atol=1e-4)
+    if name == "procrustes+diag":  # without the scale the best orthogonal map is the identity
+        np.testing.assert_allclose(fit_procrustes(new, new * scale).linear.weight.detach().numpy(), np.eye(10),
+                                   atol=1e-5)
+
+
+def test_mlp_fits_a_nonlinear_relation_that_no_affine_map_can():
+    rng = np.random.default_rng(0)
+    new = rng.standard_normal((4000, 6))
+    mixing = rng.standard_normal((6, 6))
+    old = new @ mixing.T + np.tanh(2 * new[:, ::-1]) * 1.5  # affine part plus a nonlinear residual
+    train, test = slice(0, 3000), slice(3000, None)
+    ridge = fit_ridge(new[train], old[train], alpha=1e-8)
+    mlp = fit_mlp(new[train], old[train], hidden_dim=64, steps=1500, batch_size=512, learning_rate=3e-3)
+    assert mlp.kind == "mlp"
+    assert squared_error(mlp, new[test], old[test]) < 0.2 * squared_error(ridge, new[test], old[test])
+    again = fit_mlp(new[train], old[train], hidden_dim=64, steps=5, batch_size=512)
+    same = fit_mlp(new[train], old[train], hidden_dim=64, steps=5, batch_size=512)
+    torch.testing.assert_close(again.state_dict(), same.state_dict())  # seeded: reproducible
+
+
+def test_every_registered_baseline_maps_new_vectors_to_normalised_old_space_vectors():
+    new, old, _ = low_rank_pairs(rank=4, count=300)
+    for name in [*BASELINES, *(f"{n}+diag" for n in BASELINES)]:
+        projection = fit_baseline(name, new, old, **({"steps": 3} if name.startswith("mlp") else {}))
+        assert isinstance(projection, Projection), name
+        output = projection(torch.from_numpy(new[:5]).float())
+        assert output.shape == (5, 12)
+        torch.testing.assert_close(output.norm(dim=-1), torch.ones(5))
