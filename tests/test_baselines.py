@@ -9,7 +9,9 @@ import torch
 from xbt.baselines import BASELINES, fit_baseline, fit_low_rank, fit_mlp, fit_procrustes, fit_ridge
 from xbt.cache import build_cache, EmbeddingSource
 from xbt.errors import InputError
+from xbt.evaluation.fitted import ALPHAS, alpha_curve, best_alpha, slerp, support_ids
 from xbt.projection import Projection
+from xbt.retrieval import Labeled
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> np.ndarray:
@@ -148,3 +150,74 @@ def test_every_registered_baseline_maps_new_vectors_to_normalised_old_space_vect
         output = projection(torch.from_numpy(new[:5]).float())
         assert output.shape == (5, 12)
         torch.testing.assert_close(output.norm(dim=-1), torch.ones(5))
+
+
+# -- SLERP (training-free peer): geodesic interpolation and the α fitted on a support split ---------------------------
+def unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((count, dim))
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 0.9, 1.0])
+def test_slerp_walks_the_geodesic_from_the_old_query_to_the_aligned_one(alpha):
+    start, end = unit_rows(50, 16, seed=0), unit_rows(50, 16, seed=1)
+    mixed = slerp(start, end, alpha).astype(np.float64)
+    if alpha in (0.0, 1.0):
+        np.testing.assert_allclose(mixed, start if alpha == 0.0 else end, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(mixed, axis=1), 1.0, atol=1e-6)
+    angle = np.arccos(np.clip((start * end).sum(1), -1, 1))
+    to_start = np.arccos(np.clip((mixed * start).sum(1), -1, 1))
+    to_end = np.arccos(np.clip((mixed * end).sum(1), -1, 1))
+    np.testing.assert_allclose(to_start, alpha * angle, atol=1e-3)  # the angle is split α : (1 − α)
+    np.testing.assert_allclose(to_end, (1 - alpha) * angle, atol=1e-3)
+    # on the great circle: in the plane of start and end
+    basis = np.linalg.qr(np.stack([start, end], axis=2))[0]  # (50, 16, 2)
+    np.testing.assert_allclose(np.einsum("nij,nj->ni", basis, np.einsum("nij,ni->nj", basis, mixed)), mixed, atol=1e-5)
+
+
+def geodesic(start: np.ndarray, end: np.ndarray, fraction: float) -> np.ndarray:
+    """Independent of xbt: the point at ``fraction`` of the arc via the tangent direction (not the sine formula)."""
+    cosine = (start * end).sum(1, keepdims=True)
+    tangent = end - cosine * start
+    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+    angle = np.arccos(np.clip(cosine, -1, 1))
+    return np.cos(fraction * angle) * start + np.sin(fraction * angle) * tangent
+
+
+def test_alpha_fitting_picks_the_alpha_that_maximises_support_recall():
+    """Each target lies at α = 0.35 along the arc from its old query to its aligned query, and decoys (other ids)
+    lie on the same arc at 0.30 and 0.40: only α = 0.35 retrieves every target first."""
+    old, aligned = unit_rows(40, 24, seed=2), unit_rows(40, 24, seed=3)
+    ids = np.array([f"q{i}" for i in range(40)])
+    gallery_rows = [geodesic(old, aligned, 0.35)] + [geodesic(old, aligned, f) for f in (0.30, 0.40)]
+    gallery = Labeled(np.concatenate(gallery_rows).astype(np.float32),
+                      np.concatenate([ids, np.char.add(ids, "-a"), np.char.add(ids, "-b")]))
+    queries_old, queries_aligned = Labeled(old.astype(np.float32), ids), Labeled(aligned.astype(np.float32), ids)
+    curve = alpha_curve(queries_old, queries_aligned, gallery, ALPHAS, (1, 5))
+    # brute force: exact inner products in float64, per α
+    for index, alpha in enumerate(ALPHAS):
+        scores = slerp(old, aligned, alpha).astype(np.float64) @ gallery.vectors.astype(np.float64).T
+        top = np.argsort(-scores, axis=1, kind="stable")
+        for k in (1, 5):
+            hits = (gallery.labels[top[:, :k]] == ids[:, None]).any(1)
+            assert curve[k][index] == pytest.approx(100.0 * hits.mean())
+    assert curve[1][ALPHAS.index(0.35)] == 100.0 and max(curve[1][:ALPHAS.index(0.35)]) == 0.0
+    assert best_alpha(ALPHAS, curve) == 0.35
+
+
+def test_alpha_ties_go_to_the_mean_over_k_then_to_the_smaller_alpha():
+    alphas = (0.0, 0.5, 1.0)
+    assert best_alpha(alphas, {1: [50.0, 50.0, 50.0], 5: [60.0, 70.0, 70.0]}) == 0.5
+    assert best_alpha(alphas, {1: [10.0, 50.0, 50.0]}) == 0.5
+    assert best_alpha(alphas, {1: [10.0, 20.0, 30.0], 5: [90.0, 90.0, 10.0]}) == 1.0
+
+
+def test_support_split_is_seeded_disjoint_and_refuses_degenerate_fractions():
+    ids = np.array([f"img{i}" for i in range(50)])
+    first = support_ids(ids, 0.2, seed=1)
+    assert len(first) == 10 and set(first) <= set(ids)
+    np.testing.assert_array_equal(first, support_ids(ids, 0.2, seed=1))
+    assert set(first) != set(support_ids(ids, 0.2, seed=2))
+    for fraction in (0.0, 1.0, 0.001, 0.999):
+        with pytest.raises(InputError, match="support fraction"):
+            support_ids(ids, fraction, seed=0)
