@@ -100,7 +100,8 @@ def fit_ridge(new, old, alpha: float = 1e-3, **spaces) -> Projection:
 
 
 def fit_low_rank(new, old, rank: int = 64, alpha: float = 1e-6, **spaces) -> Projection:
-    """Affine W, b with rank(W) <= ``rank`` minimising ‖new·Wᵀ + b − old‖² (+ a small ridge penalty for stability).
+    """Affine W, b with rank(W) <= ``rank`` minimising ‖new·Wᵀ + b − old‖² (+ a small ridge penalty, for a stable
+    solve).
 
     Reduced-rank regression: the ridge solution B, then its fitted values projected onto their top ``rank``
     principal directions, B·V_r·V_rᵀ, is the exact minimiser among rank-``rank`` maps (Izenman, 1975). The

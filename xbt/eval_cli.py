@@ -2,10 +2,14 @@
 
 Examples::
 
-    # an evaluation set (image folder + metadata.jsonl, parquet, save_to_disk, Hub), an adapter, two baselines
+    # an evaluation set (image folder + metadata.jsonl, parquet, save_to_disk, Hub), an adapter, two saved baselines
     xbt eval --old_model open_clip:ViT-B-32/openai --new_model hf:/models/new --adapter runs/adapter \\
              --baselines procrustes=runs/stage1/baselines/procrustes ridge=runs/stage1/baselines/ridge \\
              --eval_set data/eval --output_dir runs/eval
+
+    # peer baselines fitted on 20% of the set (left out of every measured cell): SLERP, Drift-Adapter's maps
+    xbt eval --old_model ... --new_model ... --adapter runs/adapter --eval_set data/eval \\
+             --baselines slerp procrustes low_rank+diag mlp --rank 64 --support_fraction 0.2 --output_dir runs/eval
 
     # the production gallery as it is stored (ids = the evaluation set's image ids: file names, UUIDs, ...)
     xbt eval --old_model ... --new_model ... --adapter ... --eval_set data/eval \\
@@ -20,7 +24,9 @@ Spaces this command defines (the names stored files refer to): ``old`` (the old 
 gallery is the lower bound and the one adapters write into), ``new`` (the new model in its own
 space: the upper bound), ``xbt`` (the adapter), ``xbt+old`` (adapter text queries blended with the
 old model's), ``old-denoised`` (one mean old caption query per image) and every baseline by its
-name. Which cells are evaluated follows from the spaces' ids (see :mod:`xbt.evaluation.plan`).
+name. Baselines named without a folder are fitted here (:mod:`xbt.evaluation.fitted`) on a support
+split of the evaluation set, which every measured cell then leaves out. Which cells are evaluated
+follows from the spaces' ids (see :mod:`xbt.evaluation.plan`).
 
 This module imports no torch, faiss or model code at import time (``xbt eval --help`` stays fast).
 """
@@ -33,7 +39,7 @@ from pathlib import Path
 
 from .config import parse_configs
 from .errors import InputError
-from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, MODALITIES, NEW_MODEL, OLD_MODEL
+from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, MODALITIES, NEW_MODEL, OLD_MODEL, SLERP, TEXT, check_fit_on
 
 OLD, NEW, XBT, BLEND, DENOISED_NAME = "old", "new", "xbt", "xbt+old", "old-denoised"
 RESERVED = (OLD, NEW, XBT, BLEND, DENOISED_NAME)
@@ -53,8 +59,17 @@ class EvalArguments:
     adapter: str | None = field(default=None, metadata={
         "help": "xbt adapter folder or Hub id: adds the spaces xbt (the adapter) and xbt+old (blended queries)"})
     baselines: list[str] = field(default_factory=list, metadata={
-        "help": "baseline projections as NAME=DIR (saved Projection folders: Procrustes, ridge, the stage-1 ψ), "
-                "space-separated after one --baselines; each is applied to the new model's vectors"})
+        "help": "baselines, space-separated after one --baselines: NAME=DIR for a saved Projection folder "
+                "(Procrustes, ridge, the stage-1 ψ), or a name fitted here on the --support_fraction split: "
+                "procrustes, ridge, low_rank (rank --rank), mlp (residual MLP), each optionally +diag "
+                "(diagonal scaling), and slerp (training-free SLERP: Procrustes-aligned new query and old query "
+                "interpolated on the sphere, α fitted per direction; it runs the OLD encoder on every query)"})
+    support_fraction: float = field(default=0.2, metadata={
+        "help": "share of the evaluation images (drawn by --seed) the named baselines are fitted on; they and "
+                "their captions are left out of every measured cell (used only when a baseline is fitted)"})
+    fit_on: list[str] = field(default_factory=lambda: [TEXT], metadata={
+        "help": "support pairs the fitted maps learn from: text (caption pairs, as stage 1) and/or image"})
+    rank: int = field(default=64, metadata={"help": "rank of the low_rank baseline's weight"})
     blend_alpha: float = field(default=0.5, metadata={"help": "weight of the old text encoder in xbt+old, in [0, 1]"})
     eval_set: str | None = field(default=None, metadata={
         "help": "image-text pairs: image folder with metadata.jsonl/.csv, parquet, save_to_disk folder or Hub "
@@ -82,7 +97,8 @@ class EvalArguments:
         "help": "faiss search parameters, e.g. nprobe=32 or efSearch=128"})
     shard_rows: int | None = field(default=None, metadata={"help": "gallery rows per search shard (default: 1 GiB)"})
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS), metadata={"help": "K of Recall@K, space-separated"})
-    seed: int = field(default=0, metadata={"help": "picks the re-embedded items of the backfill curve"})
+    seed: int = field(default=0, metadata={
+        "help": "picks the re-embedded items of the backfill curve and the support split"})
     device: str = field(default="cpu", metadata={"help": "device the models encode on, e.g. cpu or cuda"})
     cache_dir: str | None = field(default=None, metadata={
         "help": "root of the embedding cache the evaluation vectors go through (default: OUTPUT_DIR/cache)"})
@@ -96,10 +112,21 @@ class EvalArguments:
             raise InputError(f"--blend_alpha must lie in [0, 1], got {self.blend_alpha}.")
         if self.shard_rows is not None and self.shard_rows < 1:
             raise InputError(f"--shard_rows must be at least 1, got {self.shard_rows}.")
-        for name in named(self.baselines, "--baselines"):
+        for name in [*named(saved_baselines(self.baselines), "--baselines"), *fitted_baselines(self.baselines)]:
             if name in RESERVED:
                 raise InputError(f"--baselines name {name!r} is the name of a space of xbt eval "
                                  f"({', '.join(RESERVED)}); pick another, e.g. 'procrustes'.")
+        if fitted_baselines(self.baselines):
+            from .baselines import check_baseline_name  # torch: only once the options are parsed, never for --help
+
+            for name in fitted_baselines(self.baselines):
+                if name != SLERP:
+                    check_baseline_name(name)
+            if not 0.0 < self.support_fraction < 1.0:
+                raise InputError(f"--support_fraction must lie strictly between 0 and 1, got {self.support_fraction}.")
+            check_fit_on(self.fit_on)
+            if self.rank < 1:
+                raise InputError(f"--rank must be at least 1, got {self.rank}.")
         named(self.galleries, "--galleries")
         named(self.queries, "--queries")
         if self.eval_set is None and not (self.galleries and self.queries):
@@ -109,6 +136,16 @@ class EvalArguments:
             raise InputError(f"--eval_set {self.eval_set!r} needs both --old_model and --new_model references.")
         if (self.adapter or self.baselines) and self.eval_set is None:
             raise InputError("--adapter and --baselines encode the evaluation set: give --eval_set too.")
+
+
+def saved_baselines(values: Sequence[str]) -> list[str]:
+    """The ``NAME=DIR`` values of ``--baselines`` (saved projection folders)."""
+    return [value for value in values if "=" in value]
+
+
+def fitted_baselines(values: Sequence[str]) -> list[str]:
+    """The bare names of ``--baselines`` (baselines fitted on the support split)."""
+    return [value for value in values if "=" not in value]
 
 
 def named(values: Sequence[str], flag: str) -> dict[str, str]:
@@ -136,6 +173,8 @@ def model_spaces(args: EvalArguments) -> list:
         native_space,
         projected_space,
     )
+    from .baselines import check_baseline_name
+    from .evaluation.fitted import fitted_space, slerp_space
     from .spaces import check_same_space
 
     old_encoder = load_encoder(args.old_model, device=args.device)  # a backbone, or an adapter of a chain
@@ -158,7 +197,13 @@ def model_spaces(args: EvalArguments) -> list:
     if adapter is not None:
         spaces += [adapter, blended_space(BLEND, adapter, old, args.blend_alpha)]
     spaces += [projected_space(name, projection, new, old.space_id, {"projection": folder})
-               for name, (folder, projection) in load_baselines(args.baselines, new, old).items()]
+               for name, (folder, projection) in load_baselines(saved_baselines(args.baselines), new, old).items()]
+    for name in fitted_baselines(args.baselines):
+        if name == SLERP:
+            spaces.append(slerp_space(name, new, old))
+        else:
+            options = {"rank": args.rank} if check_baseline_name(name) == "low_rank" else {}
+            spaces.append(fitted_space(name, name, new, old, args.fit_on, **options))
     spaces.append(denoised_space(DENOISED_NAME, old))
     return spaces
 
@@ -194,7 +239,7 @@ def stored_spaces(galleries: dict, queries: dict) -> list:
     return spaces
 
 
-LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks")
+LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks", "--fit_on")
 
 
 def _check_list_flags_once(argv: Sequence[str]) -> None:
@@ -221,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     queries = {name: load_embeddings(path, args.query_ids) for name, path in named(args.queries, "--queries").items()}
     spaces = model_spaces(args) if eval_set is not None else stored_spaces(galleries, queries)
     config = EvalConfig(ks=tuple(args.ks), seed=args.seed,
+                        support_fraction=args.support_fraction if fitted_baselines(args.baselines) else 0.0,
                         search=SearchConfig(args.index_factory, args.search_parameters, args.shard_rows))
     output = Path(args.output_dir)
     report = evaluate(eval_set, spaces, galleries, queries, args.gallery_modality, config,

@@ -37,15 +37,15 @@ from .plan import (
     BLENDED_BASELINE,
     DIRECTIONS,
     GALLERY_MODALITY,
-    MODALITIES,
     QUERY_MODALITY,
+    SLERP,
     TEXT,
     Derivation,
     Space,
+    check_fit_on,
 )
 
 ALPHAS = tuple(round(step / 20, 2) for step in range(21))  # SLERP's α grid: 0, 0.05, ..., 1
-SLERP = "slerp"
 
 
 def support_ids(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -69,9 +69,7 @@ def fitted_space(name: str, baseline: str, new: Space, old: Space, fit_on: Seque
     """The registry baseline ``baseline`` fitted on the support pairs (new, old) of the ``fit_on`` modalities
     (text: the caption pairs stage 1 also uses; image: image pairs) and applied to ``new``'s vectors."""
     check_baseline_name(baseline)
-    unknown = set(fit_on) - set(MODALITIES)
-    if not fit_on or unknown:
-        raise InputError(f"Baselines are fitted on text and/or image pairs, got {list(fit_on)}.")
+    check_fit_on(fit_on)
     fitted: dict[str, torch.nn.Module] = {}
 
     def fit(support: dict[str, dict[str, Labeled]], config: Any) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def _without(labeled: Labeled, ids: np.ndarray | None) -> Labeled:
 
 
 def _pools(eval_set: EvalSet | None, vectors: dict[str, dict[str, Labeled]], queries: dict[str, Labeled],
-           stored_modality: str, support: np.ndarray | None) -> dict[str, tuple[dict[str, Labeled], dict[str, Labeled]]]:
+           stored_modality: str, support: np.ndarray | None) -> dict[str, tuple[dict, dict]]:
     """(query vectors, gallery vectors) by space name, per direction. Stored galleries serve as queries only
     for the evaluation set's items (distractors have no captions or images); stored queries join the
     direction whose galleries are stored. The ``support`` items are in no query set and no gallery."""

@@ -48,6 +48,15 @@ DENOISED = "denoised"  # one query per image: the mean of the old model's captio
 KINDS = (OLD_MODEL, NEW_MODEL, ADAPTER, BASELINE, BLENDED_BASELINE, BLENDED, DENOISED)
 QUERY_ONLY = frozenset({BLENDED, BLENDED_BASELINE, DENOISED})  # kinds with no gallery of their own
 
+SLERP = "slerp"  # the training-free SLERP peer (xbt.evaluation.fitted.slerp_space)
+
+
+def check_fit_on(modalities: Sequence[str]) -> None:
+    """Fitted baselines learn from support pairs of text and/or image vectors; anything else is refused."""
+    if not modalities or set(modalities) - set(MODALITIES):
+        raise InputError(f"Baselines are fitted on text and/or image pairs, got {list(modalities)}.")
+
+
 # Roles of cells, in report order.
 LOWER_BOUND = "lower bound"  # old→old: what the service does today
 UPPER_BOUND = "upper bound"  # new→new: what a full backfill with the new model would give
