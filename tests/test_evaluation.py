@@ -10,12 +10,12 @@ import yaml
 from PIL import Image, ImageDraw
 
 from xbt import InputError, load_backbone
-from xbt.cache import EmbeddingCache
+from xbt.cache import EmbeddingCache, build_cache, text_source
 from xbt.cli import main as cli
 from xbt.demo.models import TinyClipConfig, build_hf_clip
 from xbt.errors import FingerprintMismatchError
 from xbt.evaluation import EvalConfig, evaluate, load_eval_set
-from xbt.baselines import fit_procrustes
+from xbt.baselines import fit_baseline, fit_procrustes
 from xbt.evaluation.encode import (
     adapter_space,
     apply_projection,
@@ -601,3 +601,39 @@ def test_cli_fits_peer_baselines_on_a_support_split_left_out_of_every_cell(model
     assert f"| `slerp` | blended baseline | text | {len(support_pairs[0])} |" in report_md and "### `slerp` α curve, image→text" in report_md
     with Image.open(output / "alpha_curve.png") as image:
         image.verify()
+
+
+@pytest.mark.slow
+def test_cli_fits_the_maps_on_a_stage1_cache_and_refuses_another_models_cache(models, eval_folder, tmp_path, capsys):
+    captions = [f"a {c} {s} number {i}" for c in COLOURS for s in SHAPES for i in range(12)]
+    cache = build_cache(tmp_path / "stage1", [text_source("old", models["old"]), text_source("new", models["new"])],
+                        captions, progress=False)
+    output = tmp_path / "eval"
+    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--eval_set",
+                str(eval_folder), "--baselines", "ridge+diag", "--support_cache", str(cache.path),
+                "--output_dir", str(output)]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    fitted = report["spaces"]["ridge+diag"]
+    assert fitted["fit_pairs"] == len(captions) and fitted["fit_seconds"] > 0
+    assert fitted["fit_on"] == [f"stage-1 cache {cache.path}"]
+    assert "support" not in report["dataset"]  # nothing fitted on the split: every image is measured
+    # brute force: the same map fitted on the cached pairs, every evaluation image measured
+    eval_set = load_eval_set(eval_folder)
+    projection = fit_baseline("ridge+diag", cache["new"], cache["old"])
+    queries = apply_projection(projection, Labeled(models["new"].encode_text(eval_set.texts).numpy(),
+                                                   eval_set.caption_ids), None)
+    gallery = Labeled(models["old"].encode_image(_images(eval_set)).numpy(), eval_set.ids)
+    assert _cells(report)[("text→image", "ridge+diag→old")]["recall"]["1"] == pytest.approx(
+        recall_hits(queries, gallery).mean() * 100, abs=1e-9)
+
+    swapped = build_cache(tmp_path / "swapped", [text_source("old", models["new"]), text_source("new", models["old"])],
+                          captions, progress=False)
+    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--eval_set",
+                str(eval_folder), "--baselines", "ridge", "--support_cache", str(swapped.path),
+                "--output_dir", str(tmp_path / "x")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the models' loading progress
+    assert last.startswith("xbt eval: error: The 'new' embeddings of --support_cache") and "Traceback" not in last
+    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--eval_set",
+                str(eval_folder), "--baselines", "ridge", "--support_cache", str(tmp_path),
+                "--output_dir", str(tmp_path / "y")]) == 2
+    assert "is no embedding cache folder" in capsys.readouterr().err

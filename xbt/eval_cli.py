@@ -66,10 +66,14 @@ class EvalArguments:
                 "interpolated on the sphere, α fitted per direction; it runs the OLD encoder on every query)"})
     support_fraction: float = field(default=0.2, metadata={
         "help": "share of the evaluation images (drawn by --seed) the named baselines are fitted on; they and "
-                "their captions are left out of every measured cell (used only when a baseline is fitted)"})
+                "their captions are left out of every measured cell (used only when a baseline is fitted on it)"})
     fit_on: list[str] = field(default_factory=lambda: [TEXT], metadata={
         "help": "support pairs the fitted maps learn from: text (caption pairs, as stage 1) and/or image"})
     rank: int = field(default=64, metadata={"help": "rank of the low_rank baseline's weight"})
+    support_cache: str | None = field(default=None, metadata={
+        "help": "stage-1 embedding cache folder (its manifest.json; sources 'new' and 'old'): the fitted maps "
+                "learn from its (new, old) caption pairs, the support the adapter's ψ learnt from, instead of the "
+                "support split (slerp still fits α on the split)"})
     blend_alpha: float = field(default=0.5, metadata={"help": "weight of the old text encoder in xbt+old, in [0, 1]"})
     eval_set: str | None = field(default=None, metadata={
         "help": "image-text pairs: image folder with metadata.jsonl/.csv, parquet, save_to_disk folder or Hub "
@@ -161,8 +165,40 @@ def named(values: Sequence[str], flag: str) -> dict[str, str]:
     return result
 
 
-def model_spaces(args: EvalArguments) -> list:
-    """The spaces of the models: old, new (native), the adapter and its blend, the baselines, old-denoised."""
+def uses_support_split(args: EvalArguments) -> bool:
+    """Whether a baseline is fitted on the support split: SLERP always, the maps unless a --support_cache is given."""
+    fitted = fitted_baselines(args.baselines)
+    return SLERP in fitted or bool(fitted and args.support_cache is None)
+
+
+def open_support_cache(folder: str):
+    """The stage-1 :class:`~xbt.cache.EmbeddingCache` of ``--support_cache``, checked to hold 'new' and 'old'."""
+    from .cache import EmbeddingCache
+
+    if not (Path(folder) / "manifest.json").is_file():
+        raise InputError(f"--support_cache {folder!r} is no embedding cache folder (it has no manifest.json).")
+    cache = EmbeddingCache(folder)
+    if not {"new", "old"} <= set(cache.names):
+        raise InputError(f"--support_cache {folder!r} holds {list(cache.names)}; a stage-1 cache holds 'new' and "
+                         f"'old' caption embeddings.")
+    return cache
+
+
+def support_cache_pairs(cache, new, old) -> tuple:
+    """The cache's (new, old) arrays, memory-mapped, after checking they were made in the spaces of ``new`` and
+    ``old`` (caches without recorded space ids: their model ids, as stage 1 reads them)."""
+    from .spaces import check_same_space
+
+    for space, name in ((new, "new"), (old, "old")):
+        recorded = cache.space_ids.get(name) or cache.fingerprints[name].removesuffix(":text")
+        check_same_space(space.space_id, recorded, f"The {name!r} embeddings of --support_cache {cache.path}",
+                         "Give the stage-1 cache of these --old_model and --new_model.")
+    return cache["new"], cache["old"]
+
+
+def model_spaces(args: EvalArguments, support_cache=None) -> list:
+    """The spaces of the models: old, new (native), the adapter and its blend, the baselines, old-denoised;
+    ``support_cache``: the opened ``--support_cache`` (:func:`open_support_cache`), if any."""
     from .backbones import load_backbone
     from .encoders import load_encoder
     from .evaluation.encode import (
@@ -173,8 +209,6 @@ def model_spaces(args: EvalArguments) -> list:
         native_space,
         projected_space,
     )
-    from .baselines import check_baseline_name
-    from .evaluation.fitted import fitted_space, slerp_space
     from .spaces import check_same_space
 
     old_encoder = load_encoder(args.old_model, device=args.device)  # a backbone, or an adapter of a chain
@@ -198,13 +232,29 @@ def model_spaces(args: EvalArguments) -> list:
         spaces += [adapter, blended_space(BLEND, adapter, old, args.blend_alpha)]
     spaces += [projected_space(name, projection, new, old.space_id, {"projection": folder})
                for name, (folder, projection) in load_baselines(saved_baselines(args.baselines), new, old).items()]
+    spaces += fitted_spaces(args, new, old, support_cache)
+    spaces.append(denoised_space(DENOISED_NAME, old))
+    return spaces
+
+
+def fitted_spaces(args: EvalArguments, new, old, support_cache=None) -> list:
+    """The baselines ``--baselines`` names without a folder: SLERP, and the registry's maps fitted on the
+    ``support_cache``'s pairs when there is one, else on the support split of the ``--fit_on`` modalities."""
+    from .baselines import check_baseline_name
+    from .evaluation.fitted import fitted_space, pairs_space, slerp_space
+
+    cache_pairs = support_cache_pairs(support_cache, new, old) if support_cache is not None else None
+    spaces = []
     for name in fitted_baselines(args.baselines):
         if name == SLERP:
             spaces.append(slerp_space(name, new, old))
+            continue
+        options = {"rank": args.rank} if check_baseline_name(name) == "low_rank" else {}
+        if cache_pairs is not None:
+            spaces.append(pairs_space(name, name, new, old, cache_pairs, f"stage-1 cache {args.support_cache}",
+                                      **options))
         else:
-            options = {"rank": args.rank} if check_baseline_name(name) == "low_rank" else {}
             spaces.append(fitted_space(name, name, new, old, args.fit_on, **options))
-    spaces.append(denoised_space(DENOISED_NAME, old))
     return spaces
 
 
@@ -264,9 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     galleries = {name: load_embeddings(path, args.gallery_ids)
                  for name, path in named(args.galleries, "--galleries").items()}
     queries = {name: load_embeddings(path, args.query_ids) for name, path in named(args.queries, "--queries").items()}
-    spaces = model_spaces(args) if eval_set is not None else stored_spaces(galleries, queries)
+    support_cache = open_support_cache(args.support_cache) if args.support_cache else None
+    spaces = model_spaces(args, support_cache) if eval_set is not None else stored_spaces(galleries, queries)
     config = EvalConfig(ks=tuple(args.ks), seed=args.seed,
-                        support_fraction=args.support_fraction if fitted_baselines(args.baselines) else 0.0,
+                        support_fraction=args.support_fraction if uses_support_split(args) else 0.0,
                         search=SearchConfig(args.index_factory, args.search_parameters, args.shard_rows))
     output = Path(args.output_dir)
     report = evaluate(eval_set, spaces, galleries, queries, args.gallery_modality, config,

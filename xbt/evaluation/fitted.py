@@ -2,7 +2,9 @@
 
 * :func:`fitted_space`: a post-hoc map of :mod:`xbt.baselines` (Procrustes, ridge, low-rank affine,
   residual MLP, each optionally ``+diag``; the Drift-Adapter family) fitted on (new, old) pairs of
-  the support items and applied to the new model's vectors, like a saved ψ.
+  the support items and applied to the new model's vectors, like a saved ψ; :func:`pairs_space`
+  fits one on given pairs instead (the (new, old) caption pairs of a stage-1 cache: the support
+  the adapter's ψ learnt from).
 * :func:`slerp_space`: training-free SLERP (Ricci, Biondi, Pernici): Procrustes fitted on the
   support captions aligns the new query with the old space, and the query is the point at α along
   the great circle from the old model's query (α = 0) to the aligned new one (α = 1), α fitted per
@@ -31,7 +33,7 @@ import torch
 from ..baselines import check_baseline_name, fit_baseline, fit_procrustes
 from ..errors import InputError
 from ..retrieval import Labeled, SearchConfig, recall_at_k
-from .encode import apply_projection
+from .encode import apply_projection, projected_space
 from .plan import (
     BASELINE,
     BLENDED_BASELINE,
@@ -64,6 +66,25 @@ def _pairs(support: dict[str, dict[str, Labeled]], modalities: Sequence[str], ne
                  for name in (new, old))
 
 
+def timed_fit(baseline: str, new_vectors, old_vectors, new: Space, old: Space,
+              **options: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The registry baseline fitted on (new, old) pairs, mapping ``new``'s space into ``old``'s, and its fit record."""
+    started = time.perf_counter()
+    projection = fit_baseline(baseline, new_vectors, old_vectors, source_space=new.space_id,
+                              target_space=old.space_id, **options).eval()
+    return projection, {"fit_seconds": time.perf_counter() - started, "fit_pairs": len(new_vectors)}
+
+
+def pairs_space(name: str, baseline: str, new: Space, old: Space, pairs: tuple[Any, Any], source: str,
+                **options: Any) -> Space:
+    """The registry baseline fitted now on ``pairs`` (new, old; e.g. a stage-1 cache's memory-mapped arrays,
+    described by ``source``) and applied to ``new``'s vectors; it needs no support split."""
+    check_baseline_name(baseline)
+    projection, record = timed_fit(baseline, *pairs, new, old, **options)
+    return projected_space(name, projection, new, old.space_id,
+                           {"baseline": baseline, "fit_on": [source], **options, **record})
+
+
 def fitted_space(name: str, baseline: str, new: Space, old: Space, fit_on: Sequence[str] = (TEXT,),
                  **options: Any) -> Space:
     """The registry baseline ``baseline`` fitted on the support pairs (new, old) of the ``fit_on`` modalities
@@ -73,11 +94,8 @@ def fitted_space(name: str, baseline: str, new: Space, old: Space, fit_on: Seque
     fitted: dict[str, torch.nn.Module] = {}
 
     def fit(support: dict[str, dict[str, Labeled]], config: Any) -> dict[str, Any]:
-        new_vectors, old_vectors = _pairs(support, fit_on, new.name, old.name)
-        started = time.perf_counter()
-        fitted["map"] = fit_baseline(baseline, new_vectors, old_vectors, source_space=new.space_id,
-                                     target_space=old.space_id, **options).eval()
-        return {"fit_seconds": time.perf_counter() - started, "fit_pairs": len(new_vectors)}
+        fitted["map"], record = timed_fit(baseline, *_pairs(support, fit_on, new.name, old.name), new, old, **options)
+        return record
 
     def project(modality: str, vectors: Labeled) -> Labeled:
         return apply_projection(fitted["map"], vectors, old.space_id)
