@@ -25,7 +25,7 @@ from xbt.evaluation.encode import (
     native_space,
     projected_space,
 )
-from xbt.evaluation.fitted import ALPHAS, best_alpha, slerp, support_ids
+from xbt.evaluation.fitted import ALPHAS, best_alpha, fitted_space, slerp, slerp_space, support_ids
 from xbt.evaluation.plan import (
     ADAPTER,
     BASELINE,
@@ -637,3 +637,31 @@ def test_cli_fits_the_maps_on_a_stage1_cache_and_refuses_another_models_cache(mo
                 str(eval_folder), "--baselines", "ridge", "--support_cache", str(tmp_path),
                 "--output_dir", str(tmp_path / "y")]) == 2
     assert "is no embedding cache folder" in capsys.readouterr().err
+
+
+def test_fitted_baselines_pair_items_by_id_with_a_stored_shuffled_old_gallery_with_distractors(models, eval_folder):
+    eval_set = load_eval_set(eval_folder)
+    old_images = models["old"].encode_image(_images(eval_set)).numpy()
+
+    def spaces():
+        old, new = encoder_space("old", OLD_MODEL, models["old"]), encoder_space("new", NEW_MODEL, models["new"])
+        return [old, new, slerp_space("slerp", new, old), fitted_space("ridge", "ridge", new, old, ("text", "image"))]
+
+    config = EvalConfig(ks=KS, fractions=(0.0, 1.0), support_fraction=0.3, seed=2)
+    plain = evaluate(eval_set, spaces(), config=config)
+    order = np.random.default_rng(0).permutation(len(old_images))
+    shuffled = Labeled(old_images[order], eval_set.ids[order], models["old"].space_id)
+    same = evaluate(eval_set, spaces(), stored_galleries={"old": shuffled}, config=config)
+    assert same["cells"] == plain["cells"]
+    assert {name: {k: v for k, v in same["spaces"][name].items() if k != "fit_seconds"} for name in ("slerp", "ridge")} \
+        == {name: {k: v for k, v in plain["spaces"][name].items() if k != "fit_seconds"} for name in ("slerp", "ridge")}
+    support = support_ids(eval_set.ids, 0.3, seed=2)  # ridge learns from the support captions and images
+    assert plain["spaces"]["ridge"]["fit_pairs"] == np.isin(eval_set.caption_ids, support).sum() + len(support)
+    # Distractors join the gallery only: the fits and SLERP's image queries are unchanged, the cells see them.
+    distractors = np.random.default_rng(1).normal(size=(50, 32)).astype(np.float32)
+    crowded = Labeled(np.concatenate([old_images[order], distractors]),
+                      np.concatenate([eval_set.ids[order], [f"distractor-{i}" for i in range(50)]]),
+                      models["old"].space_id)
+    report = evaluate(eval_set, spaces(), stored_galleries={"old": crowded}, config=config)
+    assert report["spaces"]["slerp"]["alpha"] == plain["spaces"]["slerp"]["alpha"]
+    assert report["spaces"]["ridge"]["fit_pairs"] == plain["spaces"]["ridge"]["fit_pairs"]

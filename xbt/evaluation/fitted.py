@@ -59,11 +59,23 @@ def support_ids(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.asarray(ids)[np.random.default_rng(seed).permutation(len(ids))[:count]])
 
 
+def paired(new: Labeled, old: Labeled) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``new`` and the rows of ``old`` holding the same items, in ``new``'s order: a stored old
+    gallery may hold the items in another order, and distractors, which pair with nothing."""
+    if np.array_equal(new.labels, old.labels):
+        return np.asarray(new.vectors), np.asarray(old.vectors)
+    rows = {label: row for row, label in enumerate(old.labels)}
+    if len(rows) != len(old) or len(set(new.labels)) != len(new) or any(label not in rows for label in new.labels):
+        raise InputError("Baselines pair new and old vectors by item id; the old vectors' ids are not unique or "
+                         "miss some of the new ones.")
+    return np.asarray(new.vectors), np.asarray(old.vectors)[[rows[label] for label in new.labels]]
+
+
 def _pairs(support: dict[str, dict[str, Labeled]], modalities: Sequence[str], new: str,
            old: str) -> tuple[np.ndarray, np.ndarray]:
-    """(new, old) vectors of the support items, rows paired (both spaces embedded the same items in order)."""
-    return tuple(np.concatenate([np.asarray(support[m][name].vectors) for m in modalities])  # type: ignore
-                 for name in (new, old))
+    """(new, old) vectors of the support items of ``modalities``, rows paired."""
+    new_rows, old_rows = zip(*(paired(support[m][new], support[m][old]) for m in modalities))
+    return np.concatenate(new_rows), np.concatenate(old_rows)
 
 
 def timed_fit(baseline: str, new_vectors, old_vectors, new: Space, old: Space,
@@ -147,17 +159,23 @@ def slerp_space(name: str, new: Space, old: Space, alphas: Sequence[float] = ALP
         curves = {}
         for direction in DIRECTIONS:
             modality = QUERY_MODALITY[direction]
-            aligned = apply_projection(fitted["map"], support[modality][new.name], old.space_id)
-            curve = alpha_curve(support[modality][old.name], aligned, support[GALLERY_MODALITY[direction]][old.name],
-                                alphas, config.ks, config.search)
+            old_queries, aligned = ends(support[modality][new.name], support[modality][old.name])
+            curve = alpha_curve(old_queries, aligned, support[GALLERY_MODALITY[direction]][old.name], alphas,
+                                config.ks, config.search)
             fitted[modality] = best_alpha(alphas, curve)
             curves[direction] = {"alphas": list(alphas), "recall": {str(k): values for k, values in curve.items()}}
         return {"fit_seconds": time.perf_counter() - started, "fit_pairs": len(support[TEXT][new.name]),
                 "alpha": {d: fitted[QUERY_MODALITY[d]] for d in DIRECTIONS}, "alpha_curve": curves}
 
+    def ends(new_vectors: Labeled, old_vectors: Labeled) -> tuple[Labeled, Labeled]:
+        """The old model's queries and the aligned new ones, row by row the same items."""
+        new_rows, old_rows = paired(new_vectors, old_vectors)
+        aligned = apply_projection(fitted["map"], Labeled(new_rows, new_vectors.labels), old.space_id)
+        return Labeled(old_rows, new_vectors.labels, old.space_id), aligned
+
     def blend(modality: str, new_vectors: Labeled, old_vectors: Labeled) -> Labeled:
-        aligned = apply_projection(fitted["map"], new_vectors, old.space_id)
-        return Labeled(slerp(old_vectors.vectors, aligned.vectors, fitted[modality]), old_vectors.labels,
+        old_queries, aligned = ends(new_vectors, old_vectors)
+        return Labeled(slerp(old_queries.vectors, aligned.vectors, fitted[modality]), old_queries.labels,
                        old.space_id)
 
     return Space(name, BLENDED_BASELINE, old.space_id, old.dim, derive=Derivation((new.name, old.name), blend),
