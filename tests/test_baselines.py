@@ -221,3 +221,19 @@ def test_support_split_is_seeded_disjoint_and_refuses_degenerate_fractions():
     for fraction in (0.0, 1.0, 0.001, 0.999):
         with pytest.raises(InputError, match="support fraction"):
             support_ids(ids, fraction, seed=0)
+
+
+def test_low_rank_at_full_rank_is_ridge_and_its_penalty_is_ridge_s():
+    new, old, _ = low_rank_pairs(rank=4, count=200)
+    for alpha in (1e-3, 0.5):
+        full, ridge = fit_low_rank(new, old, rank=12, alpha=alpha), fit_ridge(new, old, alpha=alpha)
+        torch.testing.assert_close(full.state_dict(), ridge.state_dict(), atol=1e-4, rtol=1e-4)
+    # under a penalty the rank-r solution is no worse (on the penalised objective) than truncating the ridge weight
+    def objective(projection, alpha):
+        return squared_error(projection, new, old) + alpha * float(projection.linear.weight.detach().double().pow(2).sum())
+    left, values, right = np.linalg.svd(fit_ridge(new, old, alpha=0.5).linear.weight.detach().double().numpy())
+    short = fit_low_rank(new, old, rank=2, alpha=0.5)
+    truncated = fit_ridge(new, old, alpha=0.5)
+    with torch.no_grad():
+        truncated.linear.weight.copy_(torch.from_numpy((left[:, :2] * values[:2]) @ right[:2]))
+    assert objective(short, 0.5) <= objective(truncated, 0.5) * (1 + 1e-5)

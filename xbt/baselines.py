@@ -99,20 +99,22 @@ def fit_ridge(new, old, alpha: float = 1e-3, **spaces) -> Projection:
     return _affine(solution, new_mean, old_mean, **spaces)
 
 
-def fit_low_rank(new, old, rank: int = 64, alpha: float = 1e-6, **spaces) -> Projection:
-    """Affine W, b with rank(W) <= ``rank`` minimising ‖new·Wᵀ + b − old‖² (+ a small ridge penalty, for a stable
-    solve).
+def fit_low_rank(new, old, rank: int = 64, alpha: float = 1e-3, **spaces) -> Projection:
+    """Affine W, b with rank(W) <= ``rank`` minimising the ridge objective ‖new·Wᵀ + b − old‖² + alpha·N·‖W‖².
 
-    Reduced-rank regression: the ridge solution B, then its fitted values projected onto their top ``rank``
-    principal directions, B·V_r·V_rᵀ, is the exact minimiser among rank-``rank`` maps (Izenman, 1975). The
-    fitted values' second moment BᵀGB comes from the same streamed statistics, so this is still one pass.
+    Reduced-rank ridge regression (Mukherjee & Zhu, 2011): the ridge solution B with its fitted values
+    projected onto their top ``rank`` principal directions, B·V_r·V_rᵀ, V_r from Bᵀ(G + alpha·N·I)B (G: the
+    centred Gram matrix), is the exact minimiser among rank-``rank`` maps; alpha 0 is plain reduced-rank
+    regression. The penalty matters: fitted on text pairs, an unpenalised map blows up the directions text
+    hardly varies in, and images (another region of the space) land there. One streamed pass, like ridge.
     """
     _check_alpha(alpha)
     if rank < 1:
         raise InputError(f"The low_rank baseline needs rank >= 1, got {rank}.")
     count, new_mean, old_mean, gram, cross = _centred_moments(new, old)
-    solution = np.linalg.solve(gram + alpha * count * np.eye(len(gram)), cross)
-    _, directions = np.linalg.eigh(solution.T @ gram @ solution)  # ascending eigenvalues
+    penalised = gram + alpha * count * np.eye(len(gram))
+    solution = np.linalg.solve(penalised, cross)
+    _, directions = np.linalg.eigh(solution.T @ penalised @ solution)  # ascending eigenvalues
     top = directions[:, ::-1][:, :rank]
     return _affine(solution @ top @ top.T, new_mean, old_mean, **spaces)
 
