@@ -10,19 +10,22 @@ import yaml
 from PIL import Image, ImageDraw
 
 from xbt import InputError, load_backbone
-from xbt.cache import EmbeddingCache
+from xbt.cache import EmbeddingCache, build_cache, text_source
 from xbt.cli import main as cli
 from xbt.demo.models import TinyClipConfig, build_hf_clip
 from xbt.errors import FingerprintMismatchError
 from xbt.evaluation import EvalConfig, evaluate, load_eval_set
+from xbt.baselines import fit_baseline, fit_procrustes
 from xbt.evaluation.encode import (
     adapter_space,
+    apply_projection,
     blended_space,
     denoised_space,
     encoder_space,
     native_space,
     projected_space,
 )
+from xbt.evaluation.fitted import ALPHAS, best_alpha, fitted_space, slerp, slerp_space, support_ids
 from xbt.evaluation.plan import (
     ADAPTER,
     BASELINE,
@@ -428,6 +431,13 @@ def test_cli_refuses_a_folder_that_is_no_adapter(models, eval_folder, tmp_path, 
     (["--galleries", "old=a.npy", "--queries", "old=b.npy", "--gallery_modality", "audio"], "--gallery_modality"),
     (["--eval_set", "x", "--old_model", "a", "--new_model", "b", "--baselines", "xbt=dir"], "--baselines name 'xbt'"),
     (["--eval_set", "x", "--old_model", "a", "--new_model", "b", "--blend_alpha", "2"], "--blend_alpha"),
+    (["--eval_set", "x", "--old_model", "a", "--new_model", "b", "--baselines", "pca"], "Unknown baseline 'pca'"),
+    (["--eval_set", "x", "--old_model", "a", "--new_model", "b", "--baselines", "slerp", "--support_fraction", "1"],
+     "--support_fraction must lie strictly between 0 and 1"),
+    (["--eval_set", "x", "--old_model", "a", "--new_model", "b", "--baselines", "mlp", "--fit_on", "audio"],
+     "fitted on text and/or image pairs, got ['audio']"),
+    (["--eval_set", "x", "--old_model", "a", "--new_model", "b", "--baselines", "low_rank", "--rank", "0"],
+     "--rank must be at least 1"),
     (["--galleries", "old=a.npy", "--galleries", "xbt=b.npy", "--queries", "old=c.npy"], "--galleries is given 2 times"),
 ])
 def test_cli_refuses_bad_options_in_one_line(argv, message, tmp_path, capsys):
@@ -541,3 +551,125 @@ def test_cli_on_a_tiny_real_adapter(models, eval_folder, tmp_path):
         assert cells[("text→image", name)]["recall"] == {str(k): v for k, v in recall_at_k(queries, old_images, KS).items()}
     assert report["spaces"]["xbt+old"]["blend_alpha"] == 0.3
     assert report["spaces"]["xbt"]["space_id"] == models["old"].space_id
+
+
+@pytest.mark.slow
+def test_cli_fits_peer_baselines_on_a_support_split_left_out_of_every_cell(models, eval_folder, tmp_path):
+    output = tmp_path / "eval"
+    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--eval_set",
+                str(eval_folder), "--baselines", "slerp", "procrustes", "low_rank+diag", "mlp", "--rank", "8",
+                "--support_fraction", "0.3", "--seed", "4", "--output_dir", str(output)]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    cells = _cells(report)
+    for direction in ("text→image", "image→text"):
+        assert {name: cells[(direction, f"{name}→old")]["role"] for name in ("slerp", "procrustes", "low_rank+diag",
+                                                                             "mlp")} == dict.fromkeys(
+            ("slerp", "procrustes", "low_rank+diag", "mlp"), "baseline")
+        assert cells[(direction, "procrustes→procrustes")]["role"] == "reindexed"
+        assert (direction, "slerp→slerp") not in cells  # queries only: it searches the old gallery
+    spaces = report["spaces"]
+    assert spaces["slerp"]["kind"] == "blended baseline" and spaces["slerp"]["runs_old_encoder_on_queries"]
+    assert spaces["low_rank+diag"] == {**spaces["low_rank+diag"], "kind": "baseline", "rank": 8, "fit_on": ["text"]}
+
+    # The support split: 9 of the 30 images, drawn by the seed, in no measured cell.
+    eval_set = load_eval_set(eval_folder)
+    support = support_ids(eval_set.ids, 0.3, seed=4)
+    assert report["dataset"]["support"] == {"fraction": 0.3, "seed": 4, "images": 9, "measured_images": 21,
+                                            "captions": int(np.isin(eval_set.caption_ids, support).sum())}
+    encoded = {(name, modality): Labeled((encoder.encode_text(eval_set.texts) if modality == "text" else
+                                          encoder.encode_image(_images(eval_set))).numpy(),
+                                         eval_set.caption_ids if modality == "text" else eval_set.ids)
+               for name, encoder in (("old", models["old"]), ("new", models["new"])) for modality in ("text", "image")}
+
+    def split(labeled, part):
+        keep = np.isin(labeled.labels, support) == (part == "support")
+        return Labeled(labeled.vectors[keep], labeled.labels[keep])
+
+    support_pairs = [split(encoded[(name, "text")], "support").vectors for name in ("new", "old")]
+    for name in ("procrustes", "low_rank+diag", "mlp", "slerp"):
+        assert spaces[name]["fit_seconds"] > 0 and spaces[name]["fit_pairs"] == len(support_pairs[0])
+    # Brute force on the 21 measured images: the bound, the Procrustes baseline and SLERP with the reported α.
+    procrustes = fit_procrustes(*support_pairs)
+    for direction, (query, gallery) in {"text→image": ("text", "image"), "image→text": ("image", "text")}.items():
+        old_queries, old_gallery = split(encoded[("old", query)], "measured"), split(encoded[("old", gallery)], "measured")
+        aligned = apply_projection(procrustes, split(encoded[("new", query)], "measured"), None)
+        alpha = spaces["slerp"]["alpha"][direction]
+        mixed = Labeled(slerp(old_queries.vectors, aligned.vectors, alpha), old_queries.labels)
+        for cell, queries in (("old→old", old_queries), ("procrustes→old", aligned), ("slerp→old", mixed)):
+            expected = recall_hits(queries, old_gallery).mean() * 100
+            assert cells[(direction, cell)]["recall"]["1"] == pytest.approx(expected, abs=1e-9), (direction, cell)
+        # α maximises the support recall of its curve; the curve's α = 0 end is the old model's own support cell
+        curve = spaces["slerp"]["alpha_curve"][direction]
+        assert curve["alphas"] == list(ALPHAS) and len(curve["recall"]["10"]) == len(ALPHAS)
+        assert alpha == best_alpha(ALPHAS, {int(k): v for k, v in curve["recall"].items()})
+        support_old = split(encoded[("old", query)], "support")
+        assert curve["recall"]["1"][0] == pytest.approx(
+            recall_hits(support_old, split(encoded[("old", gallery)], "support")).mean() * 100)
+    report_md = (output / "report.md").read_text()
+    assert f"| `slerp` | blended baseline | text | {len(support_pairs[0])} |" in report_md and "### `slerp` α curve, image→text" in report_md
+    with Image.open(output / "alpha_curve.png") as image:
+        image.verify()
+
+
+@pytest.mark.slow
+def test_cli_fits_the_maps_on_a_stage1_cache_and_refuses_another_models_cache(models, eval_folder, tmp_path, capsys):
+    captions = [f"a {c} {s} number {i}" for c in COLOURS for s in SHAPES for i in range(12)]
+    cache = build_cache(tmp_path / "stage1", [text_source("old", models["old"]), text_source("new", models["new"])],
+                        captions, progress=False)
+    output = tmp_path / "eval"
+    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--eval_set",
+                str(eval_folder), "--baselines", "ridge+diag", "--support_cache", str(cache.path),
+                "--output_dir", str(output)]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    fitted = report["spaces"]["ridge+diag"]
+    assert fitted["fit_pairs"] == len(captions) and fitted["fit_seconds"] > 0
+    assert fitted["fit_on"] == [f"stage-1 cache {cache.path}"]
+    assert "support" not in report["dataset"]  # nothing fitted on the split: every image is measured
+    # brute force: the same map fitted on the cached pairs, every evaluation image measured
+    eval_set = load_eval_set(eval_folder)
+    projection = fit_baseline("ridge+diag", cache["new"], cache["old"])
+    queries = apply_projection(projection, Labeled(models["new"].encode_text(eval_set.texts).numpy(),
+                                                   eval_set.caption_ids), None)
+    gallery = Labeled(models["old"].encode_image(_images(eval_set)).numpy(), eval_set.ids)
+    assert _cells(report)[("text→image", "ridge+diag→old")]["recall"]["1"] == pytest.approx(
+        recall_hits(queries, gallery).mean() * 100, abs=1e-9)
+
+    swapped = build_cache(tmp_path / "swapped", [text_source("old", models["new"]), text_source("new", models["old"])],
+                          captions, progress=False)
+    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--eval_set",
+                str(eval_folder), "--baselines", "ridge", "--support_cache", str(swapped.path),
+                "--output_dir", str(tmp_path / "x")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the models' loading progress
+    assert last.startswith("xbt eval: error: The 'new' embeddings of --support_cache") and "Traceback" not in last
+    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--eval_set",
+                str(eval_folder), "--baselines", "ridge", "--support_cache", str(tmp_path),
+                "--output_dir", str(tmp_path / "y")]) == 2
+    assert "is no embedding cache folder" in capsys.readouterr().err
+
+
+def test_fitted_baselines_pair_items_by_id_with_a_stored_shuffled_old_gallery_with_distractors(models, eval_folder):
+    eval_set = load_eval_set(eval_folder)
+    old_images = models["old"].encode_image(_images(eval_set)).numpy()
+
+    def spaces():
+        old, new = encoder_space("old", OLD_MODEL, models["old"]), encoder_space("new", NEW_MODEL, models["new"])
+        return [old, new, slerp_space("slerp", new, old), fitted_space("ridge", "ridge", new, old, ("text", "image"))]
+
+    config = EvalConfig(ks=KS, fractions=(0.0, 1.0), support_fraction=0.3, seed=2)
+    plain = evaluate(eval_set, spaces(), config=config)
+    order = np.random.default_rng(0).permutation(len(old_images))
+    shuffled = Labeled(old_images[order], eval_set.ids[order], models["old"].space_id)
+    same = evaluate(eval_set, spaces(), stored_galleries={"old": shuffled}, config=config)
+    assert same["cells"] == plain["cells"]
+    assert {name: {k: v for k, v in same["spaces"][name].items() if k != "fit_seconds"} for name in ("slerp", "ridge")} \
+        == {name: {k: v for k, v in plain["spaces"][name].items() if k != "fit_seconds"} for name in ("slerp", "ridge")}
+    support = support_ids(eval_set.ids, 0.3, seed=2)  # ridge learns from the support captions and images
+    assert plain["spaces"]["ridge"]["fit_pairs"] == np.isin(eval_set.caption_ids, support).sum() + len(support)
+    # Distractors join the gallery only: the fits and SLERP's image queries are unchanged, the cells see them.
+    distractors = np.random.default_rng(1).normal(size=(50, 32)).astype(np.float32)
+    crowded = Labeled(np.concatenate([old_images[order], distractors]),
+                      np.concatenate([eval_set.ids[order], [f"distractor-{i}" for i in range(50)]]),
+                      models["old"].space_id)
+    report = evaluate(eval_set, spaces(), stored_galleries={"old": crowded}, config=config)
+    assert report["spaces"]["slerp"]["alpha"] == plain["spaces"]["slerp"]["alpha"]
+    assert report["spaces"]["ridge"]["fit_pairs"] == plain["spaces"]["ridge"]["fit_pairs"]

@@ -140,3 +140,38 @@ def test_the_model_card_lists_the_compatibility_cells_by_role(tmp_path):
     expected = [f"R@{k} {c['name']}" for d in ("text→image", "image→text") for c in report["cells"]
                 if c["direction"] == d and c["role"] == "compatibility" for k in ("1", "5", "10")]
     assert listed == expected == ["R@1 v3→v1", "R@5 v3→v1", "R@10 v3→v1"] * 2
+
+
+def test_fitted_baselines_get_a_fit_time_column_a_section_with_their_alpha_curves_and_a_plot(tmp_path):
+    report = json.loads(json.dumps(_report()))
+    curves = {"text→image": {"alphas": [0.0, 0.5, 1.0], "recall": {"1": [10.0, 30.0, 20.0], "5": [40.0, 50.0, 45.0],
+                                                                   "10": [60.0, 70.0, 65.0]}},
+              "image→text": {"alphas": [0.0, 0.5, 1.0], "recall": {"1": [5.0, 6.0, 7.5], "5": [8.0, 9.0, 10.0],
+                                                                   "10": [11.0, 12.0, 13.0]}}}
+    report["spaces"]["xbt"].update(kind="blended baseline", fit_seconds=1.25, fit_pairs=40, fit_on=["text"],
+                                   alpha={"text→image": 0.5, "image→text": 1.0}, alpha_curve=curves,
+                                   runs_old_encoder_on_queries=True)
+    report["dataset"]["support"] = {"fraction": 0.2, "seed": 3, "images": 12, "captions": 24, "measured_images": 48}
+    paths = write_report(report, tmp_path / "out")
+    text = paths["markdown"].read_text()
+    rows = _table_rows(text)
+    for (direction, name), row in rows.items():
+        if direction in ("text→image", "image→text") and "→" in name:
+            assert row[-1] == ("1.250" if name.startswith("xbt→") else "–"), name
+    assert "support split: 12 images, 24 captions, seed 3" in text
+    fitted_row = next(line for line in text.splitlines() if line.startswith("| `xbt` | blended baseline"))
+    assert [f.strip() for f in fitted_row.strip("|").split("|")] == [
+        "`xbt`", "blended baseline", "text", "40", "1.250", "0.50", "1.00", "yes"]
+    for direction, curve in curves.items():
+        section = text.split(f"### `xbt` α curve, {direction}")[1].split("\n#")[0]
+        alpha_rows = [line for line in section.splitlines() if re.match(r"\| \d", line)]
+        assert alpha_rows == [f"| {a:.2f}{' ←' if a == report['spaces']['xbt']['alpha'][direction] else ''} | "
+                              + " | ".join(f"{curve['recall'][k][i]:.1f}" for k in ("1", "5", "10")) + " |"
+                              for i, a in enumerate(curve["alphas"])]
+    assert "alpha_curve" not in text.split("## text→image")[0]  # the curves are not dumped into the space list
+    with Image.open(paths["alpha_curve"]) as image:
+        assert image.format == "PNG"
+        image.verify()
+    del report["spaces"]["xbt"]["fit_seconds"]  # nothing fitted: no column, no section, no plot
+    plain = write_report(report, tmp_path / "plain")
+    assert "alpha_curve" not in plain and "Fitted baselines" not in plain["markdown"].read_text()

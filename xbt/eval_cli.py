@@ -2,10 +2,14 @@
 
 Examples::
 
-    # an evaluation set (image folder + metadata.jsonl, parquet, save_to_disk, Hub), an adapter, two baselines
+    # an evaluation set (image folder + metadata.jsonl, parquet, save_to_disk, Hub), an adapter, two saved baselines
     xbt eval --old_model open_clip:ViT-B-32/openai --new_model hf:/models/new --adapter runs/adapter \\
              --baselines procrustes=runs/stage1/baselines/procrustes ridge=runs/stage1/baselines/ridge \\
              --eval_set data/eval --output_dir runs/eval
+
+    # peer baselines fitted on 20% of the set (left out of every measured cell): SLERP, Drift-Adapter's maps
+    xbt eval --old_model ... --new_model ... --adapter runs/adapter --eval_set data/eval \\
+             --baselines slerp procrustes low_rank+diag mlp --rank 64 --support_fraction 0.2 --output_dir runs/eval
 
     # the production gallery as it is stored (ids = the evaluation set's image ids: file names, UUIDs, ...)
     xbt eval --old_model ... --new_model ... --adapter ... --eval_set data/eval \\
@@ -20,7 +24,9 @@ Spaces this command defines (the names stored files refer to): ``old`` (the old 
 gallery is the lower bound and the one adapters write into), ``new`` (the new model in its own
 space: the upper bound), ``xbt`` (the adapter), ``xbt+old`` (adapter text queries blended with the
 old model's), ``old-denoised`` (one mean old caption query per image) and every baseline by its
-name. Which cells are evaluated follows from the spaces' ids (see :mod:`xbt.evaluation.plan`).
+name. Baselines named without a folder are fitted here (:mod:`xbt.evaluation.fitted`) on a support
+split of the evaluation set, which every measured cell then leaves out. Which cells are evaluated
+follows from the spaces' ids (see :mod:`xbt.evaluation.plan`).
 
 This module imports no torch, faiss or model code at import time (``xbt eval --help`` stays fast).
 """
@@ -35,7 +41,7 @@ from typing import TYPE_CHECKING
 from .config import parse_configs
 from .data.tables import SplitRows
 from .errors import InputError
-from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, MODALITIES, NEW_MODEL, OLD_MODEL
+from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, MODALITIES, NEW_MODEL, OLD_MODEL, SLERP, TEXT, check_fit_on
 
 if TYPE_CHECKING:  # torch-heavy; only for the annotation
     from .evaluation.encode import EvalSet
@@ -58,8 +64,21 @@ class EvalArguments(SplitRows):
     adapter: str | None = field(default=None, metadata={
         "help": "xbt adapter folder or Hub id: adds the spaces xbt (the adapter) and xbt+old (blended queries)"})
     baselines: list[str] = field(default_factory=list, metadata={
-        "help": "baseline projections as NAME=DIR (saved Projection folders: Procrustes, ridge, the stage-1 ψ), "
-                "space-separated after one --baselines; each is applied to the new model's vectors"})
+        "help": "baselines, space-separated after one --baselines: NAME=DIR for a saved Projection folder "
+                "(Procrustes, ridge, the stage-1 ψ), or a name fitted here on the --support_fraction split: "
+                "procrustes, ridge, low_rank (rank --rank), mlp (residual MLP), each optionally +diag "
+                "(diagonal scaling), and slerp (training-free SLERP: Procrustes-aligned new query and old query "
+                "interpolated on the sphere, α fitted per direction; it runs the OLD encoder on every query)"})
+    support_fraction: float = field(default=0.2, metadata={
+        "help": "share of the evaluation images (drawn by --seed) the named baselines are fitted on; they and "
+                "their captions are left out of every measured cell (used only when a baseline is fitted on it)"})
+    fit_on: list[str] = field(default_factory=lambda: [TEXT], metadata={
+        "help": "support pairs the fitted maps learn from: text (caption pairs, as stage 1) and/or image"})
+    rank: int = field(default=64, metadata={"help": "rank of the low_rank baseline's weight"})
+    support_cache: str | None = field(default=None, metadata={
+        "help": "stage-1 embedding cache folder (its manifest.json; sources 'new' and 'old'): the fitted maps "
+                "learn from its (new, old) caption pairs, the support the adapter's ψ learnt from, instead of the "
+                "support split (slerp still fits α on the split)"})
     blend_alpha: float = field(default=0.5, metadata={"help": "weight of the old text encoder in xbt+old, in [0, 1]"})
     eval_set: str | None = field(default=None, metadata={
         "help": "image-text pairs: image folder with metadata.jsonl/.csv, parquet, save_to_disk folder or Hub "
@@ -94,7 +113,8 @@ class EvalArguments(SplitRows):
         "help": "faiss search parameters, e.g. nprobe=32 or efSearch=128"})
     shard_rows: int | None = field(default=None, metadata={"help": "gallery rows per search shard (default: 1 GiB)"})
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS), metadata={"help": "K of Recall@K, space-separated"})
-    seed: int = field(default=0, metadata={"help": "seeds the random ordering of the backfill curves"})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the random ordering of the backfill curves and the support split"})
     orderings: list[str] = field(default_factory=lambda: ["random", "hubness", "density", "oracle"], metadata={
         "help": "backfill orderings compared (xbt.backfill.ORDERINGS), space-separated; oracle reads the "
                 "evaluation queries and is for reference only"})
@@ -117,10 +137,21 @@ class EvalArguments(SplitRows):
             raise InputError(f"--blend_alpha must lie in [0, 1], got {self.blend_alpha}.")
         if self.shard_rows is not None and self.shard_rows < 1:
             raise InputError(f"--shard_rows must be at least 1, got {self.shard_rows}.")
-        for name in named(self.baselines, "--baselines"):
+        for name in [*named(saved_baselines(self.baselines), "--baselines"), *fitted_baselines(self.baselines)]:
             if name in RESERVED:
                 raise InputError(f"--baselines name {name!r} is the name of a space of xbt eval "
                                  f"({', '.join(RESERVED)}); pick another, e.g. 'procrustes'.")
+        if fitted_baselines(self.baselines):
+            from .baselines import check_baseline_name  # torch: only once the options are parsed, never for --help
+
+            for name in fitted_baselines(self.baselines):
+                if name != SLERP:
+                    check_baseline_name(name)
+            if not 0.0 < self.support_fraction < 1.0:
+                raise InputError(f"--support_fraction must lie strictly between 0 and 1, got {self.support_fraction}.")
+            check_fit_on(self.fit_on)
+            if self.rank < 1:
+                raise InputError(f"--rank must be at least 1, got {self.rank}.")
         named(self.galleries, "--galleries")
         named(self.queries, "--queries")
         if self.eval_set is None and not (self.galleries and self.queries):
@@ -130,6 +161,16 @@ class EvalArguments(SplitRows):
             raise InputError(f"--eval_set {self.eval_set!r} needs both --old_model and --new_model references.")
         if (self.adapter or self.baselines) and self.eval_set is None:
             raise InputError("--adapter and --baselines encode the evaluation set: give --eval_set too.")
+
+
+def saved_baselines(values: Sequence[str]) -> list[str]:
+    """The ``NAME=DIR`` values of ``--baselines`` (saved projection folders)."""
+    return [value for value in values if "=" in value]
+
+
+def fitted_baselines(values: Sequence[str]) -> list[str]:
+    """The bare names of ``--baselines`` (baselines fitted on the support split)."""
+    return [value for value in values if "=" not in value]
 
 
 def named(values: Sequence[str], flag: str) -> dict[str, str]:
@@ -145,8 +186,40 @@ def named(values: Sequence[str], flag: str) -> dict[str, str]:
     return result
 
 
-def model_spaces(args: EvalArguments) -> list:
-    """The spaces of the models: old, new (native), the adapter and its blend, the baselines, old-denoised."""
+def uses_support_split(args: EvalArguments) -> bool:
+    """Whether a baseline is fitted on the support split: SLERP always, the maps unless a --support_cache is given."""
+    fitted = fitted_baselines(args.baselines)
+    return SLERP in fitted or bool(fitted and args.support_cache is None)
+
+
+def open_support_cache(folder: str):
+    """The stage-1 :class:`~xbt.cache.EmbeddingCache` of ``--support_cache``, checked to hold 'new' and 'old'."""
+    from .cache import EmbeddingCache
+
+    if not (Path(folder) / "manifest.json").is_file():
+        raise InputError(f"--support_cache {folder!r} is no embedding cache folder (it has no manifest.json).")
+    cache = EmbeddingCache(folder)
+    if not {"new", "old"} <= set(cache.names):
+        raise InputError(f"--support_cache {folder!r} holds {list(cache.names)}; a stage-1 cache holds 'new' and "
+                         f"'old' caption embeddings.")
+    return cache
+
+
+def support_cache_pairs(cache, new, old) -> tuple:
+    """The cache's (new, old) arrays, memory-mapped, after checking they were made in the spaces of ``new`` and
+    ``old`` (caches without recorded space ids: their model ids, as stage 1 reads them)."""
+    from .spaces import check_same_space
+
+    for space, name in ((new, "new"), (old, "old")):
+        recorded = cache.space_ids.get(name) or cache.fingerprints[name].removesuffix(":text")
+        check_same_space(space.space_id, recorded, f"The {name!r} embeddings of --support_cache {cache.path}",
+                         "Give the stage-1 cache of these --old_model and --new_model.")
+    return cache["new"], cache["old"]
+
+
+def model_spaces(args: EvalArguments, support_cache=None) -> list:
+    """The spaces of the models: old, new (native), the adapter and its blend, the baselines, old-denoised;
+    ``support_cache``: the opened ``--support_cache`` (:func:`open_support_cache`), if any."""
     from .backbones import load_backbone
     from .encoders import load_encoder
     from .evaluation.encode import (
@@ -179,8 +252,30 @@ def model_spaces(args: EvalArguments) -> list:
     if adapter is not None:
         spaces += [adapter, blended_space(BLEND, adapter, old, args.blend_alpha)]
     spaces += [projected_space(name, projection, new, old.space_id, {"projection": folder})
-               for name, (folder, projection) in load_baselines(args.baselines, new, old).items()]
+               for name, (folder, projection) in load_baselines(saved_baselines(args.baselines), new, old).items()]
+    spaces += fitted_spaces(args, new, old, support_cache)
     spaces.append(denoised_space(DENOISED_NAME, old))
+    return spaces
+
+
+def fitted_spaces(args: EvalArguments, new, old, support_cache=None) -> list:
+    """The baselines ``--baselines`` names without a folder: SLERP, and the registry's maps fitted on the
+    ``support_cache``'s pairs when there is one, else on the support split of the ``--fit_on`` modalities."""
+    from .baselines import check_baseline_name
+    from .evaluation.fitted import fitted_space, pairs_space, slerp_space
+
+    cache_pairs = support_cache_pairs(support_cache, new, old) if support_cache is not None else None
+    spaces = []
+    for name in fitted_baselines(args.baselines):
+        if name == SLERP:
+            spaces.append(slerp_space(name, new, old))
+            continue
+        options = {"rank": args.rank} if check_baseline_name(name) == "low_rank" else {}
+        if cache_pairs is not None:
+            spaces.append(pairs_space(name, name, new, old, cache_pairs, f"stage-1 cache {args.support_cache}",
+                                      **options))
+        else:
+            spaces.append(fitted_space(name, name, new, old, args.fit_on, **options))
     return spaces
 
 
@@ -223,7 +318,7 @@ def open_eval_set(args: EvalArguments) -> EvalSet:
                          split_column=args.split_column, split_values=args.split_values)
 
 
-LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks", "--orderings")
+LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks", "--orderings", "--fit_on")
 
 
 def _check_list_flags_once(argv: Sequence[str]) -> None:
@@ -250,8 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     galleries = {name: load_embeddings(path, args.gallery_ids)
                  for name, path in named(args.galleries, "--galleries").items()}
     queries = {name: load_embeddings(path, args.query_ids) for name, path in named(args.queries, "--queries").items()}
-    spaces = model_spaces(args) if eval_set is not None else stored_spaces(galleries, queries)
+    support_cache = open_support_cache(args.support_cache) if args.support_cache else None
+    spaces = model_spaces(args, support_cache) if eval_set is not None else stored_spaces(galleries, queries)
     config = EvalConfig(ks=tuple(args.ks), seed=args.seed, orderings=tuple(args.orderings),
+                        support_fraction=args.support_fraction if uses_support_split(args) else 0.0,
                         search=SearchConfig(args.index_factory, args.search_parameters, args.shard_rows))
     output = Path(args.output_dir)
     report = evaluate(eval_set, spaces, galleries, queries, args.gallery_modality, config,

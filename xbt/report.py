@@ -11,6 +11,11 @@ The report is a plain JSON-serialisable dict (see :func:`cells_to_json` and
          "fractions", "replaceable", "merge", "recall": {"1": [...]}, "auc": {"1": ...}}, "hubness": ...}}},
      "backfill_new_model": {...the same, re-embedded by the new model: two indexes, rank merge...}}
 
+Baselines fitted while evaluating (:mod:`xbt.evaluation.fitted`) record their fit in their space entry
+(``fit_seconds``, ``fit_pairs``; SLERP also ``alpha`` and ``alpha_curve`` per direction:
+``{"alphas": [...], "recall": {"1": [...]}}`` on the support split) and the split in ``dataset.support``;
+the report gives them a fit-time column, a section of their own and the α-curve plot.
+
 Everything here reads a cell's ``role`` (:data:`xbt.evaluation.plan.ROLES`), never its space names:
 the lower-bound line of the bar plot, the colours, the columns of the table.
 """
@@ -34,7 +39,8 @@ from .retrieval import CellResult  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-PLOTS = {"matrix": "matrix.png", "backfill": "backfill.png", "recall_bars": "recall_bars.png"}
+PLOTS = {"matrix": "matrix.png", "backfill": "backfill.png", "recall_bars": "recall_bars.png",
+         "alpha_curve": "alpha_curve.png"}
 ROLE_COLOURS = {role: f"C{number}" for number, role in enumerate(ROLES)}
 
 
@@ -73,7 +79,8 @@ def markdown(report: dict) -> str:
     ks = [str(k) for k in report["ks"]]
     lines = ["# Cross-model retrieval evaluation", ""]
     for name, info in report.get("spaces", {}).items():
-        described = ", ".join(f"{key} `{value}`" for key, value in info.items() if key != "kind" and value is not None)
+        described = ", ".join(f"{key} `{value}`" for key, value in info.items()
+                              if key != "kind" and value is not None and not isinstance(value, dict))
         lines.append(f"- **{name}** ({info.get('kind', 'space')}): {described}")
     dataset = report.get("dataset", {})
     if dataset:
@@ -87,6 +94,7 @@ def markdown(report: dict) -> str:
               "gallery) at that K. *gap*: share of the gap between the lower and the upper bound (the new model "
               "in its own space) recovered, (R − R(lower)) / (R(upper) − R(lower)).", ""]
     approximate = any("exact_recall" in cell for cell in report["cells"])
+    fitted = _fitted(report)
     for direction in DIRECTIONS:
         cells = [cell for cell in report["cells"] if cell["direction"] == direction]
         if not cells:
@@ -94,6 +102,8 @@ def markdown(report: dict) -> str:
         header = ["cell", "role"] + [f"R@{k}" for k in ks] + ["compatible"] + [f"gap@{k}" for k in ks]
         if approximate:
             header += [f"exact R@{k}" for k in ks]
+        if fitted:
+            header.append("fit (s)")
         lines += [f"## {direction}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for cell in cells:
             compatible = cell["compatible"]
@@ -104,8 +114,11 @@ def markdown(report: dict) -> str:
             if approximate:
                 exact = cell.get("exact_recall") or {}
                 row += [_fmt(exact.get(k)) for k in ks]
+            if fitted:
+                row.append(_fmt(fitted.get(cell["query"], {}).get("fit_seconds"), 3))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += _fitted_markdown(report, fitted, ks)
     for key, curves in _backfills(report):
         for direction, curve in curves.items():
             orderings = curve["orderings"]
@@ -130,6 +143,41 @@ BACKFILLS = {"backfill": "Backfill with the adapter", "backfill_new_model": "Bac
 def _backfills(report: dict) -> list[tuple[str, dict]]:
     """The report's non-empty backfill sections, (key, {direction: curve})."""
     return [(key, report[key]) for key in BACKFILLS if report.get(key)]
+
+
+def _fitted(report: dict) -> dict[str, dict]:
+    """The spaces fitted while evaluating (those recording a fit time), by name."""
+    return {name: info for name, info in report.get("spaces", {}).items() if "fit_seconds" in info}
+
+
+def _fitted_markdown(report: dict, fitted: dict[str, dict], ks: list[str]) -> list[str]:
+    """The fitted baselines: what each was fitted on and how long it took, SLERP's α and its curves."""
+    if not fitted:
+        return []
+    support = report.get("dataset", {}).get("support", {})
+    lines = [f"## Fitted baselines (support split: {support.get('images')} images, {support.get('captions')} "
+             f"captions, seed {support.get('seed')}; left out of every cell above)", "",
+             "| baseline | kind | fitted on | pairs | fit (s) | "
+             + " | ".join(f"α {d}" for d in DIRECTIONS) + " | runs the old encoder on queries |",
+             "|" + "---|" * (6 + len(DIRECTIONS))]
+    for name, info in fitted.items():
+        alpha = info.get("alpha", {})
+        lines.append(f"| `{name}` | {info['kind']} | {', '.join(info.get('fit_on', ['text']))} | {info['fit_pairs']} | "
+                     f"{_fmt(info['fit_seconds'], 3)} | " + " | ".join(_fmt(alpha.get(d), 2) for d in DIRECTIONS)
+                     + f" | {'yes' if info.get('runs_old_encoder_on_queries') else 'no'} |")
+    lines += ["", "α: weight of the aligned new query (0: the old model's query, 1: the Procrustes-aligned new "
+              "query), chosen per direction as the best support R@K at the first K.", ""]
+    for name, info in fitted.items():
+        for direction, curve in info.get("alpha_curve", {}).items():
+            lines += [f"### `{name}` α curve, {direction} (support split)", "",
+                      "| α | " + " | ".join(f"R@{k}" for k in curve["recall"]) + " |",
+                      "|---|" + "---|" * len(curve["recall"])]
+            for index, alpha in enumerate(curve["alphas"]):
+                chosen = " ←" if alpha == info["alpha"][direction] else ""
+                lines.append(f"| {alpha:.2f}{chosen} | "
+                             + " | ".join(_fmt(values[index]) for values in curve["recall"].values()) + " |")
+            lines.append("")
+    return lines
 
 
 # ---------------------------------------------------------------------------------
@@ -221,6 +269,26 @@ def plot_recall_bars(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_alpha_curves(report: dict, path: Path) -> None:
+    """Support recall against SLERP's α, one line per space, direction and K; the fitted α as a marker."""
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for name, info in _fitted(report).items():
+        for direction, curve in info.get("alpha_curve", {}).items():
+            for k, values in curve["recall"].items():
+                (line,) = axis.plot(curve["alphas"], values, label=f"{name} {direction} R@{k}")
+                chosen = curve["alphas"].index(info["alpha"][direction])
+                axis.plot(curve["alphas"][chosen], values[chosen], marker="o", color=line.get_color())
+    axis.set_xlabel("α (0: old query, 1: aligned new query)")
+    axis.set_ylabel("support Recall@K (%)")
+    axis.set_title("SLERP α curves (dots: the fitted α)")
+    axis.set_xlim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def write_report(report: dict, output: str | Path) -> dict[str, Path]:
     """Write metrics.json, report.md and the PNG plots into ``output``; returns their paths by kind."""
     output = Path(output)
@@ -234,5 +302,8 @@ def write_report(report: dict, output: str | Path) -> dict[str, Path]:
     if _backfills(report):
         plot_backfill(report, output / PLOTS["backfill"])
         paths["backfill"] = output / PLOTS["backfill"]
+    if any("alpha_curve" in info for info in _fitted(report).values()):
+        plot_alpha_curves(report, output / PLOTS["alpha_curve"])
+        paths["alpha_curve"] = output / PLOTS["alpha_curve"]
     logger.info("Report written to %s", output)
     return paths

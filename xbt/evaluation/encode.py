@@ -153,13 +153,18 @@ def adapter_space(name: str, model: Any, info: dict[str, Any] | None = None) -> 
     return encoder_space(name, ADAPTER, model, info)
 
 
+def apply_projection(projection: torch.nn.Module, vectors: Labeled, space_id: str) -> Labeled:
+    """``projection`` (new-space vectors to ``space_id`` vectors) applied to ``vectors``, labels kept."""
+    with torch.no_grad():
+        mapped = projection(torch.from_numpy(np.asarray(vectors.vectors, dtype=np.float32))).float().numpy()
+    return Labeled(mapped, vectors.labels, space_id)
+
+
 def projected_space(name: str, projection: torch.nn.Module, source: Space, space_id: str,
                     info: dict[str, Any] | None = None) -> Space:
     """A ``baseline``: ``projection`` applied to ``source``'s vectors (both modalities), landing in ``space_id``."""
     def project(modality: str, vectors: Labeled) -> Labeled:
-        with torch.no_grad():
-            mapped = projection(torch.from_numpy(np.asarray(vectors.vectors, dtype=np.float32))).float().numpy()
-        return Labeled(mapped, vectors.labels, space_id)
+        return apply_projection(projection, vectors, space_id)
 
     return Space(name, BASELINE, space_id, int(projection.old_dim), derive=Derivation((source.name,), project),
                  model_id=None, info=dict(info or {}))

@@ -23,6 +23,7 @@ from ..retrieval import (
 from ..spaces import check_same_space
 from .encode import EvalSet, encode_space
 from .examples import example_queries
+from .fitted import support_ids
 from .plan import (
     COMPATIBILITY,
     DIRECTIONS,
@@ -43,16 +44,19 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EvalConfig:
     """What to measure. ``fractions`` is the backfill grid, ``orderings`` the re-embedding orders compared
-    (:data:`xbt.backfill.ORDERINGS`); ``seed`` seeds the random one."""
+    (:data:`xbt.backfill.ORDERINGS`); ``seed`` seeds the random one and the support split;
+    ``support_fraction``: the share of the evaluation set's images split off to fit the fitted spaces
+    (:mod:`xbt.evaluation.fitted`) and left out of every measured cell (0: no split)."""
 
     ks: tuple[int, ...] = DEFAULT_KS
     fractions: tuple[float, ...] = tuple(i / 10 for i in range(11))
     orderings: tuple[str, ...] = ("random", "hubness", "density", "oracle")
     seed: int = 0
+    support_fraction: float = 0.0
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
-def _check_spaces(spaces: Sequence[Space], eval_set: EvalSet | None) -> None:
+def _check_spaces(spaces: Sequence[Space], eval_set: EvalSet | None, support: np.ndarray | None) -> None:
     names = [space.name for space in spaces]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -65,6 +69,9 @@ def _check_spaces(spaces: Sequence[Space], eval_set: EvalSet | None) -> None:
                                  f"{missing} before it.")
         elif space.encoder is not None and eval_set is None:
             raise InputError(f"Space {space.name!r} has an encoder but there is no evaluation set to encode.")
+        if space.fit is not None and support is None:
+            raise InputError(f"Space {space.name!r} is fitted on a support split of the evaluation set; give an "
+                             f"evaluation set and a support fraction above 0.")
 
 
 def _check_stored(spaces: dict[str, Space], eval_set: EvalSet | None, galleries: dict[str, Labeled],
@@ -98,10 +105,15 @@ def _check_stored(spaces: dict[str, Space], eval_set: EvalSet | None, galleries:
 
 
 def _vectors(spaces: Sequence[Space], eval_set: EvalSet | None, galleries: dict[str, Labeled],
-             stored_modality: str, cache_dir: str | Path | None) -> dict[str, dict[str, Labeled]]:
-    """``{modality: {space name: vectors}}``: stored galleries, then encodings and derivations in space order."""
+             stored_modality: str, cache_dir: str | Path | None, support: np.ndarray | None,
+             config: EvalConfig) -> dict[str, dict[str, Labeled]]:
+    """``{modality: {space name: vectors}}``: stored galleries, then encodings and derivations in space order;
+    a fitted space is fitted on the support items' vectors of the spaces before it, then derived."""
     vectors: dict[str, dict[str, Labeled]] = {modality: {} for modality in MODALITIES}
     for space in spaces:
+        if space.fit is not None:
+            space.info.update(space.fit({modality: {name: _restricted(v, support) for name, v in named.items()}
+                                         for modality, named in vectors.items()}, config))
         for modality in space.modalities:
             if modality == stored_modality and space.name in galleries:
                 vectors[modality][space.name] = galleries[space.name]  # the stored gallery, never re-encoded
@@ -116,18 +128,26 @@ def _vectors(spaces: Sequence[Space], eval_set: EvalSet | None, galleries: dict[
     return vectors
 
 
-def _restricted(labeled: Labeled, ids: np.ndarray) -> Labeled:
-    """The rows whose label is one of ``ids`` (all of them when nothing else is there)."""
-    keep = np.isin(labeled.labels, ids)
+def _rows(labeled: Labeled, keep: np.ndarray) -> Labeled:
     return labeled if keep.all() else Labeled(np.asarray(labeled.vectors[keep]), labeled.labels[keep],
                                               labeled.space_id)
 
 
+def _restricted(labeled: Labeled, ids: np.ndarray) -> Labeled:
+    """The rows whose label is one of ``ids``."""
+    return _rows(labeled, np.isin(labeled.labels, ids))
+
+
+def _without(labeled: Labeled, ids: np.ndarray | None) -> Labeled:
+    """The rows whose label is not one of ``ids`` (all of them for None)."""
+    return labeled if ids is None else _rows(labeled, ~np.isin(labeled.labels, ids))
+
+
 def _pools(eval_set: EvalSet | None, vectors: dict[str, dict[str, Labeled]], queries: dict[str, Labeled],
-           stored_modality: str) -> dict[str, tuple[dict[str, Labeled], dict[str, Labeled]]]:
+           stored_modality: str, support: np.ndarray | None) -> dict[str, tuple[dict, dict]]:
     """(query vectors, gallery vectors) by space name, per direction. Stored galleries serve as queries only
     for the evaluation set's items (distractors have no captions or images); stored queries join the
-    direction whose galleries are stored."""
+    direction whose galleries are stored. The ``support`` items are in no query set and no gallery."""
     pools = {}
     for direction in DIRECTIONS:
         if eval_set is None and GALLERY_MODALITY[direction] != stored_modality:
@@ -136,7 +156,8 @@ def _pools(eval_set: EvalSet | None, vectors: dict[str, dict[str, Labeled]], que
                       for name, v in vectors[QUERY_MODALITY[direction]].items()}
         if GALLERY_MODALITY[direction] == stored_modality:
             as_queries.update(queries)
-        pools[direction] = (as_queries, dict(vectors[GALLERY_MODALITY[direction]]))
+        pools[direction] = ({name: _without(v, support) for name, v in as_queries.items()},
+                            {name: _without(v, support) for name, v in vectors[GALLERY_MODALITY[direction]].items()})
     return pools
 
 
@@ -205,11 +226,16 @@ def evaluate(
     if eval_set is None and not (stored_galleries and stored_queries):
         raise InputError("Nothing to evaluate: give an evaluation set, or stored galleries and stored queries.")
     by_name = {space.name: space for space in spaces}
-    _check_spaces(spaces, eval_set)
+    support = None
+    if config.support_fraction:
+        if eval_set is None:
+            raise InputError("A support split is drawn from an evaluation set; give one, or support fraction 0.")
+        support = support_ids(eval_set.ids, config.support_fraction, config.seed)
+    _check_spaces(spaces, eval_set, support)
     _check_stored(by_name, eval_set, stored_galleries, stored_queries, stored_modality)
 
-    vectors = _vectors(spaces, eval_set, stored_galleries, stored_modality, cache_dir)
-    pools = _pools(eval_set, vectors, stored_queries, stored_modality)
+    vectors = _vectors(spaces, eval_set, stored_galleries, stored_modality, cache_dir, support, config)
+    pools = _pools(eval_set, vectors, stored_queries, stored_modality, support)
     plan = plan_cells(spaces, {d: (set(q), set(g)) for d, (q, g) in pools.items()})
     if not plan:
         raise InputError("No query space shares a space id with any gallery; nothing to evaluate.")
@@ -230,6 +256,10 @@ def evaluate(
     dataset["stored"] = {f"{name} ({kind})": {"items": len(v), "dim": v.dim, "space_id": v.space_id}
                          for kind, stored in (("gallery", stored_galleries), ("queries", stored_queries))
                          for name, v in stored.items()}
+    if support is not None:
+        dataset["support"] = {"fraction": config.support_fraction, "seed": config.seed, "images": len(support),
+                              "captions": int(np.isin(eval_set.caption_ids, support).sum()),
+                              "measured_images": len(eval_set.ids) - len(support)}
     from .. import __version__
     from ..report import cells_to_json
 

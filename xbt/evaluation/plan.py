@@ -42,10 +42,20 @@ OLD_MODEL = "old model"  # the model whose gallery exists (its space is the one 
 NEW_MODEL = "new model"  # the new model in its own (native) space
 ADAPTER = "adapter"  # an encoder that writes into another model's space (XBTModel)
 BASELINE = "baseline"  # a training-free map of the new model's vectors into another space (Procrustes, ...)
+BLENDED_BASELINE = "blended baseline"  # a peer method's queries mixing old and mapped new queries (SLERP)
 BLENDED = "blended"  # adapter queries mixed with the old model's queries (text only)
 DENOISED = "denoised"  # one query per image: the mean of the old model's captions of it (text only)
-KINDS = (OLD_MODEL, NEW_MODEL, ADAPTER, BASELINE, BLENDED, DENOISED)
-QUERY_ONLY = frozenset({BLENDED, DENOISED})  # kinds with no gallery of their own
+KINDS = (OLD_MODEL, NEW_MODEL, ADAPTER, BASELINE, BLENDED_BASELINE, BLENDED, DENOISED)
+QUERY_ONLY = frozenset({BLENDED, BLENDED_BASELINE, DENOISED})  # kinds with no gallery of their own
+
+SLERP = "slerp"  # the training-free SLERP peer (xbt.evaluation.fitted.slerp_space)
+
+
+def check_fit_on(modalities: Sequence[str]) -> None:
+    """Fitted baselines learn from support pairs of text and/or image vectors; anything else is refused."""
+    if not modalities or set(modalities) - set(MODALITIES):
+        raise InputError(f"Baselines are fitted on text and/or image pairs, got {list(modalities)}.")
+
 
 # Roles of cells, in report order.
 LOWER_BOUND = "lower bound"  # old→old: what the service does today
@@ -66,6 +76,7 @@ CELL_ROLES: dict[tuple[str, str], str] = {
     (ADAPTER, OLD_MODEL): COMPATIBILITY,
     (BLENDED, OLD_MODEL): BLENDED_ROLE,
     (BASELINE, OLD_MODEL): BASELINE_ROLE,
+    (BLENDED_BASELINE, OLD_MODEL): BASELINE_ROLE,
     (DENOISED, OLD_MODEL): REFERENCE,
     (OLD_MODEL, ADAPTER): REINDEXED,  # clients still on the old model, gallery backfilled by the adapter
     (BLENDED, ADAPTER): REINDEXED,
@@ -96,6 +107,9 @@ class Space:
     derive: Derivation | None = None
     modalities: tuple[str, ...] = MODALITIES
     model_id: str | None = None  # keys the embedding cache; None: never cached
+    # fitted on the support split before its derivation runs: fit({modality: {space name: Labeled}}, EvalConfig)
+    # gets the support items' vectors of the spaces before it and returns what metrics.json records of the fit
+    fit: Callable[[dict[str, dict[str, Any]], Any], dict[str, Any]] | None = field(default=None, repr=False)
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
