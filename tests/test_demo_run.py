@@ -29,6 +29,8 @@ def test_demo_reuses_trained_models_and_runs_the_whole_pipeline(trained_pair, ca
     cells = summary["compatibility"]
     assert (output / "xbt" / "stage2" / "adapter" / "xbt_config.json").is_file()
     assert (output / "eval" / "matrix.png").is_file() and (output / "fit.yaml").is_file()
+    assert summary["report"] == str(output / "eval" / "report.html") and summary["report"] in printed
+    assert (output / "eval" / "report.html").read_text().count("<img") > 3  # plots and example images
     assert cells["image→text xbt→old"]["compatible"]["10"]
     assert cells["text→image xbt→old"]["recall"]["10"] >= cells["text→image old→old"]["recall"]["10"]
     assert {"text→image stage1→old", "text→image procrustes→old", "text→image ridge→old"} <= set(cells)

@@ -71,6 +71,7 @@ def run(config: DemoConfig) -> dict:
                                                                   "gap_recovered": c["gap_recovered"]}
                                 for c in metrics["cells"] if c["gallery"] == "old"}
     summary["adapter"] = str(adapter)
+    summary["report"] = str(output / "eval" / "report.html")
     summary["data"] = {name: str(path) for name, path in data.items()}
     atomic_write_text(output / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
@@ -126,5 +127,6 @@ def print_summary(summary: dict, output: str) -> None:
                 "–" if values["gap_recovered"]["1"] is None else f"{values['gap_recovered']['1']:.2f}")
             print(f"  {cell:<30}{recall}{flags}{gap}")
         print(f"adapter: {summary['adapter']}")
+        print(f"visual report (open in a browser): {summary['report']}")
     print("\nseconds per step: " + ", ".join(f"{name} {value}" for name, value in summary["seconds"].items()))
     print(f"summary: {Path(output) / 'summary.json'}")
