@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,16 @@ def blend_embeddings(adapted: torch.Tensor, old: torch.Tensor, alpha: float, met
         mixed = torch.where(nearly_parallel, (1.0 - alpha) * adapted + alpha * old, mixed)
         return F.normalize(mixed, dim=-1)
     raise InputError(f"Unknown blend method {method!r}; choose from {BLEND_METHODS}.")
+
+
+@dataclass
+class BatchEmbeddings:
+    """A training batch embedded by :meth:`XBTModel.embed_batch` (``None``: not given / no extra dims)."""
+
+    image: torch.Tensor | None  # target space, (N, old_dim)
+    text: torch.Tensor | None
+    full_image: torch.Tensor | None  # full space, (N, old_dim + extra_dims)
+    full_text: torch.Tensor | None
 
 
 class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
@@ -203,12 +213,25 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         self, pixels: torch.Tensor | None = None, tokens: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Differentiable target-space embeddings ``(image, text)`` of a training batch."""
-        image = text = None
+        batch = self.embed_batch(pixels, tokens)
+        return batch.image, batch.text
+
+    def embed_batch(self, pixels: torch.Tensor | None = None,
+                    tokens: dict[str, torch.Tensor] | None = None) -> BatchEmbeddings:
+        """Differentiable target-space and (with extra dims) full-space embeddings of a training batch, from one
+        pass through each tower."""
+        image = text = full_image = full_text = None
         if pixels is not None:
-            image = self.projection(F.normalize(self.backbone.image_features(pixels), dim=-1))
+            image, full_image = self.projection.split(F.normalize(self.backbone.image_features(pixels), dim=-1))
         if tokens is not None:
-            text = self.projection(F.normalize(self.backbone.text_features(tokens), dim=-1))
-        return image, text
+            text, full_text = self.projection.split(F.normalize(self.backbone.text_features(tokens), dim=-1))
+        return BatchEmbeddings(image, text, full_image, full_text)
+
+    def full_encoder(self) -> FullSpaceEncoder:
+        """This adapter's full space as an :class:`~xbt.spaces.Encoder` of its own (``space_id``
+        :attr:`full_space_id`, ``dim`` = old dims + extra dims): for evaluation, or as an old side."""
+        self._check_space(FULL)
+        return FullSpaceEncoder(self)
 
     def encode_text(
         self,
@@ -409,6 +432,34 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
             raise ModelLoadError(f"The weights in {folder} have identity {model.model_id}, but {CONFIG_FILE} records "
                                  f"{config['model_id']}: the adapter directory is inconsistent.")
         return model.to(backbone.device).eval()
+
+
+class FullSpaceEncoder:
+    """An adapter's full vectors (``space="full"``) as an encoder of the adapter's own full space.
+
+    Not a copy of the model: it encodes through it, so it follows the adapter's current weights.
+    """
+
+    def __init__(self, model: XBTModel):
+        self.model = model
+
+    @property
+    def dim(self) -> int:
+        return self.model.projection.full_dim
+
+    @property
+    def space_id(self) -> str:
+        return self.model.full_space_id
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    def encode_text(self, texts: Sequence[str], **options: Any) -> torch.Tensor:
+        return self.model.encode_text(texts, space=FULL, **options)
+
+    def encode_image(self, images: Sequence[ImageLike] | torch.Tensor, **options: Any) -> torch.Tensor:
+        return self.model.encode_image(images, space=FULL, **options)
 
 
 def read_adapter_config(location: str | Path, revision: str | None = None) -> dict[str, Any]:
