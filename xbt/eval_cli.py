@@ -18,9 +18,9 @@ Examples::
 
 Spaces this command defines (the names stored files refer to): ``old`` (the old model: its
 gallery is the lower bound and the one adapters write into), ``new`` (the new model in its own
-space: the upper bound), ``xbt`` (the adapter), ``xbt+old`` (adapter text queries blended with the
-old model's), ``old-denoised`` (one mean old caption query per image) and every baseline by its
-name. Which cells are evaluated follows from the spaces' ids (see :mod:`xbt.evaluation.plan`).
+space: the upper bound), ``xbt`` (the adapter), ``xbt-full`` (a BT²/OCA adapter's full vectors in its
+own space), ``xbt+old`` (adapter text queries blended with the old model's), ``old-denoised`` (one
+mean old caption query per image) and every baseline by its name. Which cells are evaluated follows from the spaces' ids (see :mod:`xbt.evaluation.plan`).
 
 This module imports no torch, faiss or model code at import time (``xbt eval --help`` stays fast).
 """
@@ -33,11 +33,12 @@ from pathlib import Path
 
 from .config import parse_configs
 from .errors import InputError
-from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, MODALITIES, NEW_MODEL, OLD_MODEL
+from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, FULL_SPACE, MODALITIES, NEW_MODEL, OLD_MODEL
 
-OLD, NEW, XBT, BLEND, DENOISED_NAME = "old", "new", "xbt", "xbt+old", "old-denoised"
-RESERVED = (OLD, NEW, XBT, BLEND, DENOISED_NAME)
-STORED_KINDS = {OLD: OLD_MODEL, NEW: NEW_MODEL}  # any other stored name: an adapter writing into the old space
+OLD, NEW, XBT, XBT_FULL, BLEND, DENOISED_NAME = "old", "new", "xbt", "xbt-full", "xbt+old", "old-denoised"
+RESERVED = (OLD, NEW, XBT, XBT_FULL, BLEND, DENOISED_NAME)
+# any other stored name: an adapter writing into the old space
+STORED_KINDS = {OLD: OLD_MODEL, NEW: NEW_MODEL, XBT_FULL: FULL_SPACE}
 
 
 @dataclass
@@ -133,6 +134,7 @@ def model_spaces(args: EvalArguments) -> list:
         blended_space,
         denoised_space,
         encoder_space,
+        full_space,
         native_space,
         projected_space,
     )
@@ -157,6 +159,8 @@ def model_spaces(args: EvalArguments) -> list:
     spaces.append(new)
     if adapter is not None:
         spaces += [adapter, blended_space(BLEND, adapter, old, args.blend_alpha)]
+        if model.full_space_id:  # a BT²/OCA ψ: the adapter's own full space, re-indexed (xbt-full→xbt-full)
+            spaces.append(full_space(XBT_FULL, model, {"adapter": str(args.adapter)}))
     spaces += [projected_space(name, projection, new, old.space_id, {"projection": folder})
                for name, (folder, projection) in load_baselines(args.baselines, new, old).items()]
     spaces.append(denoised_space(DENOISED_NAME, old))

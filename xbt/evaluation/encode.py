@@ -31,6 +31,7 @@ from .plan import (
     BASELINE,
     BLENDED,
     DENOISED,
+    FULL_SPACE,
     NEW_MODEL,
     TEXT,
     Derivation,
@@ -150,6 +151,12 @@ def native_space(name: str, model: Any, info: dict[str, Any] | None = None) -> S
 def adapter_space(name: str, model: Any, info: dict[str, Any] | None = None) -> Space:
     """An adapter (``XBTModel``): writes into ``model.space_id`` (its target's space)."""
     return encoder_space(name, ADAPTER, model, info)
+
+
+def full_space(name: str, model: Any, info: dict[str, Any] | None = None) -> Space:
+    """An adapter's full vectors (old dims + extra dims of a BT²/OCA ψ), in its own space
+    :attr:`~xbt.model.XBTModel.full_space_id`."""
+    return encoder_space(name, FULL_SPACE, model.full_encoder(), info)
 
 
 def projected_space(name: str, projection: torch.nn.Module, source: Space, space_id: str,
