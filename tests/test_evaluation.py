@@ -497,6 +497,19 @@ def test_cli_with_a_stored_gallery_keyed_by_file_names_or_uuids(style, models, t
     assert cells[("text→image", "old→old")]["recall"] == {str(k): v for k, v in recall_at_k(texts, gallery, KS).items()}
 
 
+def _eval_acting_adapter(model, models, eval_folder, folder, output, *flags: str) -> dict:
+    """Give ``model``'s LoRA an effect of its own (B starts at zero), save it to ``folder``, run ``xbt eval`` on it
+    into ``output``; returns metrics.json."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.lora_parameters():
+            parameter.normal_(std=0.05)
+    model.save_pretrained(folder)
+    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--adapter", str(folder),
+                "--eval_set", str(eval_folder), "--output_dir", str(output), *flags]) == 0
+    return json.loads((output / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 def test_cli_on_a_tiny_real_adapter(models, eval_folder, tmp_path):
     import copy
@@ -504,16 +517,8 @@ def test_cli_on_a_tiny_real_adapter(models, eval_folder, tmp_path):
     from xbt.model import XBTModel
 
     model = XBTModel(load_backbone(models["new_ref"]), copy.deepcopy(models["projection"]), old_reference=models["old_ref"])
-    torch.manual_seed(0)
-    with torch.no_grad():  # LoRA B starts at zero: give the adapter an effect of its own
-        for parameter in model.lora_parameters():
-            parameter.normal_(std=0.05)
-    model.save_pretrained(tmp_path / "adapter")
     output = tmp_path / "eval"
-    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"],
-                "--adapter", str(tmp_path / "adapter"), "--eval_set", str(eval_folder), "--output_dir", str(output),
-                "--blend_alpha", "0.3"]) == 0
-    report = json.loads((output / "metrics.json").read_text())
+    report = _eval_acting_adapter(model, models, eval_folder, tmp_path / "adapter", output, "--blend_alpha", "0.3")
     cells = _cells(report)
     assert {("text→image", n): r for n, r in (("xbt→old", "compatibility"), ("xbt+old→old", "blended"),
                                               ("xbt→xbt", "reindexed"), ("old→xbt", "reindexed"),
@@ -552,15 +557,7 @@ def test_cli_evaluates_the_full_space_of_an_adapter_with_extra_dims(models, eval
     psi = Projection.build(new.dim, old.dim, ProjectionConfig(kind="orthogonal", extra_dims=6),
                            source_space=new.space_id, target_space=old.space_id)
     model = XBTModel(load_backbone(models["new_ref"]), psi, old_reference=models["old_ref"])
-    with torch.no_grad():  # LoRA B starts at zero: give the adapter an effect of its own
-        for parameter in model.lora_parameters():
-            parameter.normal_(std=0.05)
-    model.save_pretrained(tmp_path / "adapter")
-    output = tmp_path / "eval"
-    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"],
-                "--adapter", str(tmp_path / "adapter"), "--eval_set", str(eval_folder),
-                "--output_dir", str(output)]) == 0
-    report = json.loads((output / "metrics.json").read_text())
+    report = _eval_acting_adapter(model, models, eval_folder, tmp_path / "adapter", tmp_path / "eval")
     cells = _cells(report)
     full_id = model.full_space_id
     assert report["spaces"]["xbt-full"]["space_id"] == full_id and report["spaces"]["xbt-full"]["dim"] == 32 + 6
