@@ -135,6 +135,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         self.old_model_id = old_model_id
         self.training_summary = dict(training or {})
         self.merged = False
+        self._unmerged_id: str | None = None  # the identity before merge(): the full space stays this adapter's
         self._old_encoder: Encoder | None = None
         lora.inject(backbone.model, self.adapter, self.target_modules, str(backbone.reference))
         logger.info("LoRA r=%d on %s: %d trainable backbone parameters", self.adapter.lora_rank,
@@ -181,7 +182,9 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
     @property
     def full_space_id(self) -> str | None:
         """The space of the full vectors (``space="full"``), its own; ``None`` when ψ has no extra dims."""
-        return full_space_id(self.model_id) if self.projection.extra_dims else None
+        if not self.projection.extra_dims:
+            return None
+        return full_space_id(self._unmerged_id if self.merged else self.model_id)
 
     # -- LoRA -----------------------------------------------------------------------
     def lora_parameters(self) -> list[nn.Parameter]:
@@ -204,6 +207,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         one did (see :func:`xbt.lora.merge`).
         """
         if not self.merged:
+            self._unmerged_id = self.model_id
             lora.merge(self.backbone.model)
             self.merged = True
         return self
@@ -454,6 +458,16 @@ class FullSpaceEncoder:
     @property
     def model_id(self) -> str:
         return self.model.model_id
+
+    @property
+    def source_space_id(self) -> str:
+        """The new backbone's space (recorded by ``xbt embed`` as for the adapter itself)."""
+        return self.model.source_space_id
+
+    @property
+    def preprocess(self):
+        """The new backbone's image preprocessing (what the full vectors are computed from)."""
+        return self.model.backbone.preprocess
 
     def encode_text(self, texts: Sequence[str], **options: Any) -> torch.Tensor:
         return self.model.encode_text(texts, space=FULL, **options)
