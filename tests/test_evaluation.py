@@ -505,6 +505,11 @@ def _eval_acting_adapter(model, models, eval_folder, folder, output, *flags: str
         for parameter in model.lora_parameters():
             parameter.normal_(std=0.05)
     model.save_pretrained(folder)
+    return _eval_adapter(models, eval_folder, folder, output, *flags)
+
+
+def _eval_adapter(models, eval_folder, folder, output, *flags: str) -> dict:
+    """``xbt eval`` of the saved adapter in ``folder`` on ``eval_folder`` into ``output``; returns metrics.json."""
     assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--adapter", str(folder),
                 "--eval_set", str(eval_folder), "--output_dir", str(output), *flags]) == 0
     return json.loads((output / "metrics.json").read_text())
@@ -577,3 +582,15 @@ def test_cli_evaluates_the_full_space_of_an_adapter_with_extra_dims(models, eval
         cell = cells[(direction, "xbt-full→xbt-full")]
         assert cell["role"] == "reindexed" and cell["query_space_id"] == cell["gallery_space_id"] == full_id
         assert cell["recall"] == pytest.approx(recall)
+
+    # A full-space gallery as `xbt embed --space full` stores it is searched as that space's gallery.
+    from xbt.embed import run as embed
+
+    assert embed(["--model", f"xbt:{tmp_path / 'adapter'}", "--source", str(eval_folder), "--modality", "image",
+                  "--space", "full", "--merge", "false", "--output_dir", str(tmp_path / "full_gallery"),
+                  "--num_workers", "0", "--progress", "false"]) == 0
+    stored = _eval_adapter(models, eval_folder, tmp_path / "adapter", tmp_path / "eval_stored",
+                           "--galleries", f"xbt-full={tmp_path / 'full_gallery'}")
+    assert stored["dataset"]["stored"]["xbt-full (gallery)"]["space_id"] == full_id
+    cell = _cells(stored)[("text→image", "xbt-full→xbt-full")]
+    assert cell["gallery_space_id"] == full_id and cell["recall"] == pytest.approx(expected["text→image"])
