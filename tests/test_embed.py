@@ -176,6 +176,31 @@ def test_an_adapter_writes_merged_vectors_into_its_target_space(adapter, tmp_pat
     assert np.abs(merged - unmerged).max() < 1e-4  # merging is how serving runs: same vectors up to rounding
 
 
+def test_space_full_writes_an_extra_dims_adapters_full_vectors_into_its_own_space(adapter, tiny_refs, tmp_path):
+    folder, old_ref = adapter
+    new, old = load_backbone(tiny_refs["hf"]), load_backbone(old_ref)
+    torch.manual_seed(1)
+    psi = Projection.build(new.dim, old.dim, ProjectionConfig(kind="orthogonal", extra_dims=5),
+                           source_space=new.space_id, target_space=old.space_id)
+    model = XBTModel(new, psi, old_reference=old_ref, old_model_id=old.model_id)
+    with torch.no_grad():
+        for parameter in model.lora_parameters():
+            parameter.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "bt2")
+    paths = write_images(tmp_path / "images", [f"{i}.png" for i in range(4)])
+    out = embed("--model", f"xbt:{tmp_path / 'bt2'}", "--source", str(tmp_path / "images"), "--modality", "image",
+                "--space", "full", "--output_dir", str(tmp_path / "full"))
+    vectors, ids, manifest = read_embeddings_dir(out)
+    # Merged for serving, yet in the unmerged adapter's own full space: what xbt eval and a full gallery expect.
+    assert manifest["space_id"] == model.full_space_id and manifest["dim"] == 24 + 5
+    np.testing.assert_allclose(vectors, model.encode_image(paths, space="full").numpy(), atol=1e-4)
+    for reference, pattern in ((str(folder), "space='full' needs a ψ with extra dims"),
+                               (old_ref, "--space full: .* is a backbone")):
+        with pytest.raises(InputError, match=pattern):
+            run(["--model", reference, "--source", str(tmp_path / "images"), "--modality", "image", "--space", "full",
+                 "--output_dir", str(tmp_path / "refused"), *FAST])
+
+
 # ----------------------------------------------------------------------------- resume
 
 def test_a_rerun_encodes_only_missing_or_stale_shards_and_leaves_the_others_untouched(tiny_refs, tmp_path):

@@ -515,6 +515,24 @@ def test_cli_with_a_stored_gallery_keyed_by_file_names_or_uuids(style, models, t
     assert cells[("text→image", "old→old")]["recall"] == {str(k): v for k, v in recall_at_k(texts, gallery, KS).items()}
 
 
+def _eval_acting_adapter(model, models, eval_folder, folder, output, *flags: str) -> dict:
+    """Give ``model``'s LoRA an effect of its own (B starts at zero), save it to ``folder``, run ``xbt eval`` on it
+    into ``output``; returns metrics.json."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.lora_parameters():
+            parameter.normal_(std=0.05)
+    model.save_pretrained(folder)
+    return _eval_adapter(models, eval_folder, folder, output, *flags)
+
+
+def _eval_adapter(models, eval_folder, folder, output, *flags: str) -> dict:
+    """``xbt eval`` of the saved adapter in ``folder`` on ``eval_folder`` into ``output``; returns metrics.json."""
+    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"], "--adapter", str(folder),
+                "--eval_set", str(eval_folder), "--output_dir", str(output), *flags]) == 0
+    return json.loads((output / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 def test_cli_on_a_tiny_real_adapter(models, eval_folder, tmp_path):
     import copy
@@ -522,16 +540,8 @@ def test_cli_on_a_tiny_real_adapter(models, eval_folder, tmp_path):
     from xbt.model import XBTModel
 
     model = XBTModel(load_backbone(models["new_ref"]), copy.deepcopy(models["projection"]), old_reference=models["old_ref"])
-    torch.manual_seed(0)
-    with torch.no_grad():  # LoRA B starts at zero: give the adapter an effect of its own
-        for parameter in model.lora_parameters():
-            parameter.normal_(std=0.05)
-    model.save_pretrained(tmp_path / "adapter")
     output = tmp_path / "eval"
-    assert cli(["eval", "--old_model", models["old_ref"], "--new_model", models["new_ref"],
-                "--adapter", str(tmp_path / "adapter"), "--eval_set", str(eval_folder), "--output_dir", str(output),
-                "--blend_alpha", "0.3"]) == 0
-    report = json.loads((output / "metrics.json").read_text())
+    report = _eval_acting_adapter(model, models, eval_folder, tmp_path / "adapter", output, "--blend_alpha", "0.3")
     cells = _cells(report)
     assert {("text→image", n): r for n, r in (("xbt→old", "compatibility"), ("xbt+old→old", "blended"),
                                               ("xbt→xbt", "reindexed"), ("old→xbt", "reindexed"),
@@ -673,3 +683,54 @@ def test_fitted_baselines_pair_items_by_id_with_a_stored_shuffled_old_gallery_wi
     report = evaluate(eval_set, spaces(), stored_galleries={"old": crowded}, config=config)
     assert report["spaces"]["slerp"]["alpha"] == plain["spaces"]["slerp"]["alpha"]
     assert report["spaces"]["ridge"]["fit_pairs"] == plain["spaces"]["ridge"]["fit_pairs"]
+
+
+def _brute_force_recall(queries: np.ndarray, query_ids: np.ndarray, gallery: np.ndarray, gallery_ids: np.ndarray,
+                        ks=KS) -> dict[str, float]:
+    """Recall@K in percent by exhaustive inner products: a hit if any of the top K gallery rows has the query's id."""
+    order = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")
+    hits = gallery_ids[order] == query_ids[:, None]
+    return {str(k): 100.0 * float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def test_cli_evaluates_the_full_space_of_an_adapter_with_extra_dims(models, eval_folder, tmp_path):
+    from xbt.adapter_config import ProjectionConfig
+    from xbt.model import XBTModel
+
+    new, old = models["new"], models["old"]
+    torch.manual_seed(0)
+    psi = Projection.build(new.dim, old.dim, ProjectionConfig(kind="orthogonal", extra_dims=6),
+                           source_space=new.space_id, target_space=old.space_id)
+    model = XBTModel(load_backbone(models["new_ref"]), psi, old_reference=models["old_ref"])
+    report = _eval_acting_adapter(model, models, eval_folder, tmp_path / "adapter", tmp_path / "eval")
+    cells = _cells(report)
+    full_id = model.full_space_id
+    assert report["spaces"]["xbt-full"]["space_id"] == full_id and report["spaces"]["xbt-full"]["dim"] == 32 + 6
+    # Only its own cell: no other space writes into it, and it writes into no other one.
+    assert sorted(key for key, c in cells.items() if "xbt-full" in (c["query"], c["gallery"])) == [
+        ("image→text", "xbt-full→xbt-full"), ("text→image", "xbt-full→xbt-full")]
+    assert cells[("text→image", "xbt→old")]["role"] == "compatibility"  # beside the compatible cell, as before
+
+    eval_set = load_eval_set(eval_folder)
+    reloaded = XBTModel.from_pretrained(tmp_path / "adapter")
+    texts = reloaded.encode_text(eval_set.texts, space="full").numpy()
+    images = reloaded.encode_image(_images(eval_set), space="full").numpy()
+    assert texts.shape[1] == images.shape[1] == 38
+    expected = {"text→image": _brute_force_recall(texts, eval_set.caption_ids, images, eval_set.ids),
+                "image→text": _brute_force_recall(images, eval_set.ids, texts, eval_set.caption_ids)}
+    for direction, recall in expected.items():
+        cell = cells[(direction, "xbt-full→xbt-full")]
+        assert cell["role"] == "reindexed" and cell["query_space_id"] == cell["gallery_space_id"] == full_id
+        assert cell["recall"] == pytest.approx(recall)
+
+    # A full-space gallery as `xbt embed --space full` stores it is searched as that space's gallery.
+    from xbt.embed import run as embed
+
+    assert embed(["--model", f"xbt:{tmp_path / 'adapter'}", "--source", str(eval_folder), "--modality", "image",
+                  "--space", "full", "--merge", "false", "--output_dir", str(tmp_path / "full_gallery"),
+                  "--num_workers", "0", "--progress", "false"]) == 0
+    stored = _eval_adapter(models, eval_folder, tmp_path / "adapter", tmp_path / "eval_stored",
+                           "--galleries", f"xbt-full={tmp_path / 'full_gallery'}")
+    assert stored["dataset"]["stored"]["xbt-full (gallery)"]["space_id"] == full_id
+    cell = _cells(stored)[("text→image", "xbt-full→xbt-full")]
+    assert cell["gallery_space_id"] == full_id and cell["recall"] == pytest.approx(expected["text→image"])

@@ -107,6 +107,8 @@ def test_dotted_overrides_reach_their_section_with_yaml_types(config_values, tmp
     ({"stage2": {"source": "x", "loss_weights": "anchr=1"}}, r"Section stage2: loss_weights: unknown term\(s\)"),
     ({"stage2": {"source": "x", "loss_weights": {"text_to_old_image": 1.0}}},
      "Section stage2: .*the term text_to_old_image needs stored old image embeddings"),
+    ({"stage2": {"source": "x", "loss_weights": "full_new=1"}},  # stage 1's ψ decides: no extra dims by default
+     "Section stage2: .*the term full_new needs a ψ with extra dimensions"),
     ({"stage2": {"source": "x", "output_dir": "elsewhere"}}, r"\['output_dir'\] are set by xbt fit itself"),
     ({"cache": {"cache_dtype": "int8"}}, "Section cache: cache_dtype must be one of"),
     ({"stage2": "max_steps: 3"}, "Section stage2: got 'max_steps: 3'; allowed: a mapping"),

@@ -71,15 +71,18 @@ NO_GALLERY, GALLERY = frozenset({"old_captions"}), frozenset({"old_captions", "o
 
 def test_default_weights_follow_what_the_data_provides():
     assert resolve_weights(PAIR_TERMS, {}, GALLERY) == {"new_new": 1.0, "anchor": 0.0, "text_to_old_image": 1.0,
-                                                        "image_to_old_text": 1.0}
+                                                        "image_to_old_text": 1.0, "full_new": 0.0}
     assert resolve_weights(PAIR_TERMS, {}, NO_GALLERY) == {"new_new": 1.0, "anchor": 1.0, "text_to_old_image": 0.0,
-                                                           "image_to_old_text": 0.0}
+                                                           "image_to_old_text": 0.0, "full_new": 0.0}
+    # a ψ with extra dims (BT²/OCA) trains them by default: else nothing would
+    assert resolve_weights(PAIR_TERMS, {}, NO_GALLERY | {"extra_dims"})["full_new"] == 1.0
     assert resolve_weights(PAIR_TERMS, {"anchor": 0.5}, GALLERY)["anchor"] == 0.5  # a given weight wins
 
 
 @pytest.mark.parametrize("given, provided, message", [
     ({"anchr": 1.0}, NO_GALLERY, r"unknown term\(s\) \['anchr'\]; allowed: new_new, anchor"),
     ({"text_to_old_image": 1.0}, NO_GALLERY, "the term text_to_old_image needs stored old image embeddings"),
+    ({"full_new": 1.0}, GALLERY, "the term full_new needs a ψ with extra dimensions .*set full_new=0"),
     ({"new_new": -1.0}, GALLERY, "new_new=-1.0; allowed: a weight >= 0"),
     ({name: 0.0 for name in PAIR_TERMS}, GALLERY, "every term has weight 0"),
 ])
@@ -92,7 +95,8 @@ def test_registry_entries_declare_temperature_use_and_old_space():
     assert uses_temperature(PAIR_TERMS, {"anchor": 1.0, "new_new": 0.0}) is False
     assert uses_temperature(PAIR_TERMS, {"anchor": 1.0, "new_new": 1.0}) is True
     assert uses_temperature(TEXT_LOSSES, {"cosine": 1.0}) is False and uses_temperature(TEXT_LOSSES, {"infonce": 1})
-    assert [name for name, term in PAIR_TERMS.items() if not term.old_space] == ["new_new"]
+    assert [name for name, term in PAIR_TERMS.items() if not term.old_space] == ["new_new", "full_new"]
+    assert uses_temperature(PAIR_TERMS, {"anchor": 1.0, "full_new": 1.0}) is True
 
 
 def test_a_new_term_is_one_registry_entry(caplog):
@@ -118,3 +122,11 @@ def test_text_loss_kinds_compute_the_paired_losses():
     torch.testing.assert_close(TEXT_LOSSES["infonce"].compute(pairs, 10.0), info_nce(a, b, 10.0))
     torch.testing.assert_close(TEXT_LOSSES["cosine"].compute(pairs, 10.0), cosine_loss(a, b))
     torch.testing.assert_close(TEXT_LOSSES["mse"].compute(pairs, 10.0), mse_loss(a, b))
+
+
+def test_full_new_is_contrastive_on_the_full_vectors_not_their_compatible_part():
+    from types import SimpleNamespace
+
+    full_image, full_text = _unit(6, 5, 2), _unit(6, 5, 3)
+    inputs = SimpleNamespace(image=_unit(6, 3, 4), text=_unit(6, 3, 5), full_image=full_image, full_text=full_text)
+    torch.testing.assert_close(PAIR_TERMS["full_new"].compute(inputs, 10.0), info_nce(full_image, full_text, 10.0))

@@ -17,7 +17,7 @@ from xbt.demo.models import BUILDERS, TinyClipConfig
 from xbt.errors import FingerprintMismatchError, InputError, ModelLoadError
 from xbt.model import SPACES, XBTModel, blend_embeddings
 from xbt.projection import Projection, ProjectionConfig
-from xbt.spaces import full_space_id
+from xbt.spaces import Encoder, full_space_id
 
 TEXTS = ["a red circle", "two blue squares on grass", "a small green triangle", "a yellow star at the top"]
 OLD_DIM = 24
@@ -212,6 +212,21 @@ def test_spaces_of_an_adapter_and_of_a_chained_one(tiny_refs, old_refs, images, 
     v3.save_pretrained(tmp_path / "v3")
     config = json.loads((tmp_path / "v3" / "xbt_config.json").read_text())
     assert (config["target_space"], config["old_model"]["fingerprint"]) == (old.space_id, v2.model_id)
+
+    # v2's full space is an encoder's space like any other: an old side by its id, with no special case.
+    full = v2.full_encoder()
+    assert isinstance(full, Encoder) and (full.space_id, full.dim, full.model_id) == (
+        v2.full_space_id, OLD_DIM + 3, v2.model_id)
+    torch.testing.assert_close(full.encode_image(images), v2.encode_image(images, space="full"))
+    psi = Projection(backbone.dim, full.dim, kind="linear", source_space=backbone.space_id, target_space=full.space_id)
+    onto_full = XBTModel(load_backbone(tiny_refs["open_clip"]), psi, old_model_id=v2.model_id)
+    assert onto_full.space_id == v2.full_space_id and onto_full.dim == full.dim
+    onto_full.use_old_encoder(full)
+    torch.testing.assert_close(onto_full.encode_text(TEXTS, blend_old=1.0), v2.encode_text(TEXTS, space="full"))
+    with pytest.raises(FingerprintMismatchError):
+        onto_full.use_old_encoder(v2)  # v2's compatible (old-space) vectors are another space
+    with pytest.raises(InputError, match="space='full' needs a ψ with extra dims"):
+        v3.full_encoder()
 
 
 def test_peft_multihead_attention_behaviour_is_recorded_and_checked(backend, tiny_refs, old_refs, tmp_path):

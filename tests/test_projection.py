@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.nn import functional as F
 
 from xbt import FingerprintMismatchError, InputError
 from xbt.projection import Projection, ProjectionConfig
@@ -82,3 +83,14 @@ def test_bad_shapes_are_input_errors(options, message):
             make()
         assert str(caught.value) == message
 
+
+
+def test_split_gives_the_compatible_part_and_the_full_vector_of_one_pass():
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(5, 8), dim=-1)
+    psi = Projection(8, 4, kind="orthogonal", extra_dims=3)
+    compatible, full = psi.split(x)
+    torch.testing.assert_close(compatible, psi(x))
+    torch.testing.assert_close(full, F.normalize(psi.extended(x), dim=-1))
+    assert full.shape == (5, 7)
+    assert Projection(8, 4, kind="linear").split(x)[1] is None  # no extra dims: no full space

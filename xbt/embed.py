@@ -89,6 +89,16 @@ def image_transform(encoder):
     return encoder.backbone.preprocess if isinstance(encoder, XBTModel) else encoder.preprocess
 
 
+def full_space_encoder(encoder, model: str):
+    """``--space full``: the full space of an adapter with extra dims (one-line InputError for anything else)."""
+    from .model import XBTModel
+
+    if not isinstance(encoder, XBTModel):
+        raise InputError(f"--space full: {model} is a backbone; only an xbt adapter with extra dims (a BT²/OCA ψ) "
+                         f"has a full space. Drop --space or pass such an adapter.")
+    return encoder.full_encoder()
+
+
 def _encoder_info(encoder, model: str, merged: bool) -> dict[str, Any]:
     adapter = parse_reference(model).is_adapter
     info = {"model_reference": model, "model_id": encoder.model_id, "kind": "adapter" if adapter else "backbone"}
@@ -684,6 +694,8 @@ def embed(config: EmbedConfig) -> Path:
     # Accelerator reads ACCELERATE_USE_CPU (what `accelerate launch --cpu` sets); PartialState alone does not.
     state = PartialState(cpu=config.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     encoder = load_encoder(config.model, device=state.device, merge=config.merge)
+    if config.space == "full":
+        encoder = full_space_encoder(encoder, config.model)
     target = resolve_target(config, encoder, items)
     run_key = {"model_id": encoder.model_id, "space_id": encoder.space_id, "modality": config.modality,
                "dtype": config.dtype, "source": items.fingerprint}

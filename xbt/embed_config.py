@@ -8,6 +8,7 @@ from .errors import InputError
 
 MODALITIES = ("image", "text")
 DTYPES = ("float32", "float16")
+EMBED_SPACES = ("target", "full")  # an adapter's target (old) space, or its own full space (extra dims)
 # "images": a plain folder of image files (no metadata); "lines": a text file, one text per line;
 # the others are the pair sources of xbt.data.pairs.
 SOURCE_FORMATS = ("auto", "images", "lines", "folder", "disk", "parquet", "hub", "webdataset")
@@ -50,6 +51,9 @@ class EmbedConfig:
     append_to: str | None = field(default=None, metadata={
         "help": "add the new vectors to an existing gallery of the same space: an xbt embed folder (new "
                 "shards, manifest and index updated) or a faiss IndexIDMap2 file (integer ids)"})
+    space: str = field(default="target", metadata={
+        "help": f"adapters: one of {', '.join(EMBED_SPACES)}: the space it writes into (default), or the full "
+                "vectors of a BT²/OCA adapter (ψ with extra dims) in the adapter's own space"})
     merge: bool = field(default=True, metadata={"help": "adapters: merge LoRA into the backbone first "
                                                         "(how serving runs; same vectors up to rounding)"})
     cpu: bool = field(default=False, metadata={"help": "run on the CPU even when an accelerator is present"})
@@ -57,7 +61,7 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         choices = {"modality": (self.modality, MODALITIES), "dtype": (self.dtype, DTYPES),
-                   "format": (self.format, SOURCE_FORMATS)}
+                   "format": (self.format, SOURCE_FORMATS), "space": (self.space, EMBED_SPACES)}
         for option, (value, allowed) in choices.items():
             if value not in allowed:
                 raise InputError(f"--{option} {value!r} is not supported; use one of {', '.join(allowed)}.")

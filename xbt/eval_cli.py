@@ -22,11 +22,12 @@ Examples::
 
 Spaces this command defines (the names stored files refer to): ``old`` (the old model: its
 gallery is the lower bound and the one adapters write into), ``new`` (the new model in its own
-space: the upper bound), ``xbt`` (the adapter), ``xbt+old`` (adapter text queries blended with the
-old model's), ``old-denoised`` (one mean old caption query per image) and every baseline by its
-name. Baselines named without a folder are fitted here (:mod:`xbt.evaluation.fitted`) on a support
-split of the evaluation set, which every measured cell then leaves out. Which cells are evaluated
-follows from the spaces' ids (see :mod:`xbt.evaluation.plan`).
+space: the upper bound), ``xbt`` (the adapter), ``xbt-full`` (a BT²/OCA adapter's full vectors in its
+own space), ``xbt+old`` (adapter text queries blended with the old model's), ``old-denoised`` (one
+mean old caption query per image) and every baseline by its name. Baselines named without a folder
+are fitted here (:mod:`xbt.evaluation.fitted`) on a support split of the evaluation set, which every
+measured cell then leaves out. Which cells are evaluated follows from the spaces' ids (see
+:mod:`xbt.evaluation.plan`).
 
 This module imports no torch, faiss or model code at import time (``xbt eval --help`` stays fast).
 """
@@ -41,14 +42,15 @@ from typing import TYPE_CHECKING
 from .config import parse_configs
 from .data.tables import SplitRows
 from .errors import InputError
-from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, MODALITIES, NEW_MODEL, OLD_MODEL, SLERP, TEXT, check_fit_on
+from .evaluation.plan import ADAPTER, DEFAULT_KS, EXACT, FULL_SPACE, MODALITIES, NEW_MODEL, OLD_MODEL, SLERP, TEXT, check_fit_on
 
 if TYPE_CHECKING:  # torch-heavy; only for the annotation
     from .evaluation.encode import EvalSet
 
-OLD, NEW, XBT, BLEND, DENOISED_NAME = "old", "new", "xbt", "xbt+old", "old-denoised"
-RESERVED = (OLD, NEW, XBT, BLEND, DENOISED_NAME)
-STORED_KINDS = {OLD: OLD_MODEL, NEW: NEW_MODEL}  # any other stored name: an adapter writing into the old space
+OLD, NEW, XBT, XBT_FULL, BLEND, DENOISED_NAME = "old", "new", "xbt", "xbt-full", "xbt+old", "old-denoised"
+RESERVED = (OLD, NEW, XBT, XBT_FULL, BLEND, DENOISED_NAME)
+# any other stored name: an adapter writing into the old space
+STORED_KINDS = {OLD: OLD_MODEL, NEW: NEW_MODEL, XBT_FULL: FULL_SPACE}
 
 
 @dataclass
@@ -227,6 +229,7 @@ def model_spaces(args: EvalArguments, support_cache=None) -> list:
         blended_space,
         denoised_space,
         encoder_space,
+        full_space,
         native_space,
         projected_space,
     )
@@ -251,6 +254,8 @@ def model_spaces(args: EvalArguments, support_cache=None) -> list:
     spaces.append(new)
     if adapter is not None:
         spaces += [adapter, blended_space(BLEND, adapter, old, args.blend_alpha)]
+        if model.full_space_id:  # a BT²/OCA ψ: the adapter's own full space, re-indexed (xbt-full→xbt-full)
+            spaces.append(full_space(XBT_FULL, model, {"adapter": str(args.adapter)}))
     spaces += [projected_space(name, projection, new, old.space_id, {"projection": folder})
                for name, (folder, projection) in load_baselines(saved_baselines(args.baselines), new, old).items()]
     spaces += fitted_spaces(args, new, old, support_cache)

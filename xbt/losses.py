@@ -96,10 +96,11 @@ def add_noise(embeddings: torch.Tensor, std: float, generator: torch.Generator |
 # ---------------------------------------------------------------------------------
 # registries
 # ---------------------------------------------------------------------------------
-# What a stage's data can provide to a term (the key of LossTerm.needs), and how a user provides it.
+# What a stage's data or ψ can provide to a term (the key of LossTerm.needs), and how a user provides it.
 NEEDS = {
     "old_captions": "old text embeddings of the training captions (cached from the old model's text encoder)",
     "old_images": "stored old image embeddings of the training images (--old_image_embeddings)",
+    "extra_dims": "a ψ with extra dimensions (stage 1 with --kind orthogonal --extra_dims K > 0)",
 }
 
 
@@ -201,3 +202,10 @@ register(PAIR_TERMS, LossTerm(
     "InfoNCE of ψ(new image) against every training image's mean old caption embedding (image→text cell)",
     needs=frozenset({"old_captions"}), old_space=True, uses_temperature=True,
     default=lambda provided: 1.0 if "old_images" in provided else 0.0))
+# BT²/OCA: the new model's own objective on the full vectors (compatible part + extra dims), so the extra
+# dims learn what the old space cannot hold; on by default whenever ψ has them (else they are never trained).
+register(PAIR_TERMS, LossTerm(
+    "full_new", lambda x, scale: info_nce(x.full_image, x.full_text, scale),
+    "symmetric InfoNCE between the full normalised vectors (old dims + extra dims) of new image and new text",
+    needs=frozenset({"extra_dims"}), uses_temperature=True,
+    default=lambda provided: 1.0 if "extra_dims" in provided else 0.0))

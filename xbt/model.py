@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,16 @@ def blend_embeddings(adapted: torch.Tensor, old: torch.Tensor, alpha: float, met
     raise InputError(f"Unknown blend method {method!r}; choose from {BLEND_METHODS}.")
 
 
+@dataclass
+class BatchEmbeddings:
+    """A training batch embedded by :meth:`XBTModel.embed_batch` (``None``: not given / no extra dims)."""
+
+    image: torch.Tensor | None  # target space, (N, old_dim)
+    text: torch.Tensor | None
+    full_image: torch.Tensor | None  # full space, (N, old_dim + extra_dims)
+    full_text: torch.Tensor | None
+
+
 class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
                tags=["xbt", "clip", "backward-compatible", "lora", "retrieval"]):
     """A new CLIP whose embeddings land in an old encoder's space.
@@ -125,6 +135,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         self.old_model_id = old_model_id
         self.training_summary = dict(training or {})
         self.merged = False
+        self._unmerged_id: str | None = None  # the identity before merge(): the full space stays this adapter's
         self._old_encoder: Encoder | None = None
         lora.inject(backbone.model, self.adapter, self.target_modules, str(backbone.reference))
         logger.info("LoRA r=%d on %s: %d trainable backbone parameters", self.adapter.lora_rank,
@@ -171,7 +182,9 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
     @property
     def full_space_id(self) -> str | None:
         """The space of the full vectors (``space="full"``), its own; ``None`` when ψ has no extra dims."""
-        return full_space_id(self.model_id) if self.projection.extra_dims else None
+        if not self.projection.extra_dims:
+            return None
+        return full_space_id(self._unmerged_id if self.merged else self.model_id)
 
     # -- LoRA -----------------------------------------------------------------------
     def lora_parameters(self) -> list[nn.Parameter]:
@@ -194,6 +207,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         one did (see :func:`xbt.lora.merge`).
         """
         if not self.merged:
+            self._unmerged_id = self.model_id
             lora.merge(self.backbone.model)
             self.merged = True
         return self
@@ -203,12 +217,25 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         self, pixels: torch.Tensor | None = None, tokens: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Differentiable target-space embeddings ``(image, text)`` of a training batch."""
-        image = text = None
+        batch = self.embed_batch(pixels, tokens)
+        return batch.image, batch.text
+
+    def embed_batch(self, pixels: torch.Tensor | None = None,
+                    tokens: dict[str, torch.Tensor] | None = None) -> BatchEmbeddings:
+        """Differentiable target-space and (with extra dims) full-space embeddings of a training batch, from one
+        pass through each tower."""
+        image = text = full_image = full_text = None
         if pixels is not None:
-            image = self.projection(F.normalize(self.backbone.image_features(pixels), dim=-1))
+            image, full_image = self.projection.split(F.normalize(self.backbone.image_features(pixels), dim=-1))
         if tokens is not None:
-            text = self.projection(F.normalize(self.backbone.text_features(tokens), dim=-1))
-        return image, text
+            text, full_text = self.projection.split(F.normalize(self.backbone.text_features(tokens), dim=-1))
+        return BatchEmbeddings(image, text, full_image, full_text)
+
+    def full_encoder(self) -> FullSpaceEncoder:
+        """This adapter's full space as an :class:`~xbt.spaces.Encoder` of its own (``space_id``
+        :attr:`full_space_id`, ``dim`` = old dims + extra dims): for evaluation, or as an old side."""
+        self._check_space(FULL)
+        return FullSpaceEncoder(self)
 
     def encode_text(
         self,
@@ -409,6 +436,44 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
             raise ModelLoadError(f"The weights in {folder} have identity {model.model_id}, but {CONFIG_FILE} records "
                                  f"{config['model_id']}: the adapter directory is inconsistent.")
         return model.to(backbone.device).eval()
+
+
+class FullSpaceEncoder:
+    """An adapter's full vectors (``space="full"``) as an encoder of the adapter's own full space.
+
+    Not a copy of the model: it encodes through it, so it follows the adapter's current weights.
+    """
+
+    def __init__(self, model: XBTModel):
+        self.model = model
+
+    @property
+    def dim(self) -> int:
+        return self.model.projection.full_dim
+
+    @property
+    def space_id(self) -> str:
+        return self.model.full_space_id
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    @property
+    def source_space_id(self) -> str:
+        """The new backbone's space (recorded by ``xbt embed`` as for the adapter itself)."""
+        return self.model.source_space_id
+
+    @property
+    def preprocess(self):
+        """The new backbone's image preprocessing (what the full vectors are computed from)."""
+        return self.model.backbone.preprocess
+
+    def encode_text(self, texts: Sequence[str], **options: Any) -> torch.Tensor:
+        return self.model.encode_text(texts, space=FULL, **options)
+
+    def encode_image(self, images: Sequence[ImageLike] | torch.Tensor, **options: Any) -> torch.Tensor:
+        return self.model.encode_image(images, space=FULL, **options)
 
 
 def read_adapter_config(location: str | Path, revision: str | None = None) -> dict[str, Any]:

@@ -8,7 +8,22 @@ Three shapes, all returning L2-normalised vectors in the old space:
 - ``orthogonal``: an orthogonal map onto ``old_dim + extra_dims`` (after BT²/OCA):
   the first ``old_dim`` coordinates are the compatible part, the extra ones can keep
   information the old space has no room for. Orthogonality preserves the geometry
-  of the new space.
+  of the new space (exactly when ``old_dim + extra_dims >= new_dim``: orthonormal columns).
+
+BT² and OCA in xbt are one ψ shape, not two code paths. Both append extra dimensions to
+the compatible ones and constrain the map to be orthogonal; the old-space terms of stage 2
+train the first ``old_dim`` coordinates and the ``full_new`` term (:data:`xbt.losses.PAIR_TERMS`)
+the whole normalised vector, so the extra ones carry what the old space cannot hold. They
+differ in what the orthogonal layer sees, which in xbt (a frozen new backbone, ψ its only
+head) is one choice of ``extra_dims``:
+
+- BT² (Zhou et al., 2211.03989): an orthonormal *basis transformation* of the new feature,
+  square: ``kind=orthogonal, extra_dims = new_dim - old_dim`` (the full space is a rotation of
+  the new one, so before training full→full retrieval equals the new model's);
+- OCA (Ricci et al., 2408.08793): an orthogonal layer over an *expanded* feature, any
+  ``extra_dims > 0``. Here the feature is the frozen new model's and ψ is linear in it, so
+  ``old_dim + extra_dims`` beyond ``new_dim`` adds no information, and fewer keeps only the
+  part of the new space that training selects.
 
 Saved and loaded through huggingface_hub's ``PyTorchModelHubMixin`` (config.json +
 model.safetensors; nothing is unpickled). The config records the ids of the
@@ -85,6 +100,14 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
     def forward(self, new_embeddings: torch.Tensor) -> torch.Tensor:
         """Normalised old-space vectors: the first ``old_dim`` coordinates, renormalised."""
         return nn.functional.normalize(self.extended(new_embeddings)[..., : self.old_dim], dim=-1)
+
+    def split(self, new_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised compatible (old-space) vectors and normalised full vectors (``None`` without extra dims),
+        from one pass: the full-space loss term trains all ``full_dim`` coordinates, the old-space terms the first
+        ``old_dim`` of them."""
+        output = self.extended(new_embeddings)
+        compatible = nn.functional.normalize(output[..., : self.old_dim], dim=-1)
+        return compatible, nn.functional.normalize(output, dim=-1) if self.extra_dims else None
 
     def check_spaces(self, source: str | None = None, target: str | None = None) -> None:
         """Raise :class:`FingerprintMismatchError` if ψ maps between other spaces than these."""

@@ -31,6 +31,7 @@ from .plan import (
     BASELINE,
     BLENDED,
     DENOISED,
+    FULL_SPACE,
     NEW_MODEL,
     TEXT,
     Derivation,
@@ -158,6 +159,12 @@ def apply_projection(projection: torch.nn.Module, vectors: Labeled, space_id: st
     with torch.no_grad():
         mapped = projection(torch.from_numpy(np.asarray(vectors.vectors, dtype=np.float32))).float().numpy()
     return Labeled(mapped, vectors.labels, space_id)
+
+
+def full_space(name: str, model: Any, info: dict[str, Any] | None = None) -> Space:
+    """An adapter's full vectors (old dims + extra dims of a BT²/OCA ψ), in its own space
+    :attr:`~xbt.model.XBTModel.full_space_id`."""
+    return encoder_space(name, FULL_SPACE, model.full_encoder(), info)
 
 
 def projected_space(name: str, projection: torch.nn.Module, source: Space, space_id: str,

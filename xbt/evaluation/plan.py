@@ -41,11 +41,12 @@ EXACT = "Flat"  # the faiss index factory of exact inner-product search
 OLD_MODEL = "old model"  # the model whose gallery exists (its space is the one adapters write into)
 NEW_MODEL = "new model"  # the new model in its own (native) space
 ADAPTER = "adapter"  # an encoder that writes into another model's space (XBTModel)
+FULL_SPACE = "adapter full space"  # an adapter's own full vectors, old dims + extra dims (BT²/OCA ψ)
 BASELINE = "baseline"  # a training-free map of the new model's vectors into another space (Procrustes, ...)
 BLENDED_BASELINE = "blended baseline"  # a peer method's queries mixing old and mapped new queries (SLERP)
 BLENDED = "blended"  # adapter queries mixed with the old model's queries (text only)
 DENOISED = "denoised"  # one query per image: the mean of the old model's captions of it (text only)
-KINDS = (OLD_MODEL, NEW_MODEL, ADAPTER, BASELINE, BLENDED_BASELINE, BLENDED, DENOISED)
+KINDS = (OLD_MODEL, NEW_MODEL, ADAPTER, FULL_SPACE, BASELINE, BLENDED_BASELINE, BLENDED, DENOISED)
 QUERY_ONLY = frozenset({BLENDED, BLENDED_BASELINE, DENOISED})  # kinds with no gallery of their own
 
 SLERP = "slerp"  # the training-free SLERP peer (xbt.evaluation.fitted.slerp_space)
@@ -64,13 +65,14 @@ COMPATIBILITY = "compatibility"  # adapter queries against the gallery of the sp
 BLENDED_ROLE = "blended"  # blended queries against that gallery
 BASELINE_ROLE = "baseline"  # a training-free map against that gallery
 REFERENCE = "reference"  # queries derived from the old model (e.g. denoised), against its gallery
-REINDEXED = "reindexed"  # a gallery re-embedded by an adapter or baseline, searched
+REINDEXED = "reindexed"  # a gallery re-embedded by an adapter or baseline (or into its full space), searched
 ROLES = (LOWER_BOUND, UPPER_BOUND, COMPATIBILITY, BLENDED_ROLE, BASELINE_ROLE, REFERENCE, REINDEXED)
 SCORED_ROLES = frozenset({COMPATIBILITY, BLENDED_ROLE, BASELINE_ROLE, REFERENCE})
 
-# A space searching its own gallery.
+# A space searching its own gallery. An adapter's full space is its own (no other encoder writes into it): only
+# its self cell exists, what re-embedding the gallery with the adapter's full vectors gives, next to new→new.
 SELF_ROLES: dict[str, str] = {OLD_MODEL: LOWER_BOUND, NEW_MODEL: UPPER_BOUND, ADAPTER: REINDEXED,
-                              BASELINE: REINDEXED}
+                              FULL_SPACE: REINDEXED, BASELINE: REINDEXED}
 # (query kind, gallery kind) -> role, for two different spaces with the same space id.
 CELL_ROLES: dict[tuple[str, str], str] = {
     (ADAPTER, OLD_MODEL): COMPATIBILITY,

@@ -163,7 +163,8 @@ class PairStageConfig(TrainConfig):
     loss_weights: str = field(default="", metadata={
         "help": "weights of the loss terms (xbt.losses.PAIR_TERMS) as NAME=WEIGHT,NAME=WEIGHT (a mapping in a "
                 "config file); terms not named take their default: new_new + text_to_old_image + "
-                "image_to_old_text with --old_image_embeddings, else new_new + anchor"})
+                "image_to_old_text with --old_image_embeddings, else new_new + anchor; plus full_new when ψ has extra "
+                "dims (BT²/OCA)"})
     bank_negatives: int = field(default=0, metadata={
         "help": "stored vectors drawn per step as negatives of the cross terms (0: all of them)"})
     train_projection: bool = field(default=True, metadata={"help": "train ψ along with the LoRA weights"})

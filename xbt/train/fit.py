@@ -125,7 +125,7 @@ def plan(config: FitConfig) -> FitPlan:
                             "projection": str(run_dir / STAGE1_DIR), "old_model": config.old_model,
                             "new_model": config.new_model})
     try:
-        loss_weights(stage2[0])  # a weighted term whose needs the data does not meet fails now
+        loss_weights(stage2[0], stage1[1].extra_dims)  # a weighted term whose needs the run does not meet fails now
     except InputError as error:
         raise InputError(f"Section stage2: {error}") from error
     check_references(config)

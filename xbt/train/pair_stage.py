@@ -17,7 +17,10 @@ Loss terms (:data:`xbt.losses.PAIR_TERMS`; weights by name with ``loss_weights``
   (the text→image compatibility cell itself);
 - ``image_to_old_text``: InfoNCE of ψ(new image) against the old caption embeddings of
   ALL training images (per image, the normalised mean of its captions' embeddings, so
-  an image's other captions are never negatives).
+  an image's other captions are never negatives);
+- ``full_new`` (BT²/OCA, a ψ with extra dims only; on by default there): symmetric InfoNCE
+  between the full normalised ψ outputs (old dims + extra dims) of new image and new text,
+  the new model's own objective, so the extra dims are trained to hold what the old space cannot.
 
 For large galleries ``bank_negatives`` draws that many stored rows per step (plus the
 batch's positives) instead of using all of them.
@@ -64,14 +67,15 @@ ADAPTER_DIR = "adapter"
 __all__ = ["PairTask", "TrainingDivergedError", "train"]
 
 
-def provided_by(config: PairStageConfig) -> frozenset[str]:
-    """What this run's data gives the loss terms (see :data:`xbt.losses.NEEDS`)."""
-    return frozenset({"old_captions"} | ({"old_images"} if config.old_image_embeddings else set()))
+def provided_by(config: PairStageConfig, extra_dims: int = 0) -> frozenset[str]:
+    """What this run's data and ψ (with ``extra_dims``) give the loss terms (see :data:`xbt.losses.NEEDS`)."""
+    return frozenset({"old_captions"} | ({"old_images"} if config.old_image_embeddings else set())
+                     | ({"extra_dims"} if extra_dims else set()))
 
 
-def loss_weights(config: PairStageConfig) -> dict[str, float]:
-    """The weight of every stage-2 term: the given ones, the rest their defaults for this run's data."""
-    return resolve_weights(PAIR_TERMS, config.given_weights, provided_by(config))
+def loss_weights(config: PairStageConfig, extra_dims: int = 0) -> dict[str, float]:
+    """The weight of every stage-2 term: the given ones, the rest their defaults for this run's data and ψ."""
+    return resolve_weights(PAIR_TERMS, config.given_weights, provided_by(config, extra_dims))
 
 
 # ---------------------------------------------------------------------------------
@@ -83,6 +87,8 @@ class PairInputs:
 
     image: torch.Tensor  # ψ(new image), (N, d_old)
     text: torch.Tensor  # ψ(new text) of the caption each example shows, (N, d_old)
+    full_image: torch.Tensor | None  # the full normalised ψ outputs, (N, d_old + extra_dims); None without extra dims
+    full_text: torch.Tensor | None
     targets: OldSpaceTargets | None
     positions: torch.Tensor  # row of each example in the banks
     caption_indices: torch.Tensor
@@ -162,13 +168,15 @@ class PairTask(nn.Module):
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         device = self.temperature.log_scale.device
         tokens = {k: v.to(device) for k, v in self.model.backbone.tokenize(batch["captions"]).items()}
-        image, text = self.model(batch["images"].to(device), tokens)
+        embedded = self.model.embed_batch(batch["images"].to(device), tokens)
         positions = _positions(batch, self.position_of).to(device)
         positions, caption_indices = gather_rows(positions), gather_rows(batch["caption_indices"].to(device))
         count = 0 if self.targets is None else len(self.targets.caption_means)
         rows, positives = bank_rows(count, positions, self.config.bank_negatives, self.config.seed, step)
-        inputs = PairInputs(gather_rows(image).float(), gather_rows(text).float(), self.targets, positions,
-                            caption_indices, rows, positives)
+        image, text, full_image, full_text = (_gathered(vectors) for vectors in (
+            embedded.image, embedded.text, embedded.full_image, embedded.full_text))
+        inputs = PairInputs(image, text, full_image, full_text, self.targets, positions, caption_indices, rows,
+                            positives)
         scale = self.temperature()
         return {name: PAIR_TERMS[name].compute(inputs, scale) for name, weight in self.loss_weights.items()
                 if weight > 0}
@@ -178,6 +186,11 @@ class PairTask(nn.Module):
 
     def trainable_names(self) -> set[str]:
         return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+
+def _gathered(vectors: torch.Tensor | None) -> torch.Tensor | None:
+    """The global batch's rows of ``vectors`` (with gradients), in float32; ``None`` stays ``None``."""
+    return None if vectors is None else gather_rows(vectors).float()
 
 
 def _keep_trainable_only(module: PairTask, state_dict, prefix: str, local_metadata) -> None:
@@ -210,7 +223,8 @@ def train(config: PairStageConfig, data: PairSourceConfig, accelerator, adapter:
     if config.batch_size % processes:
         raise InputError(f"batch_size: {config.batch_size} does not divide evenly over {processes} processes; "
                          f"allowed: a multiple of {processes} (batch_size is the global batch).")
-    weights = loss_weights(config)  # before anything is loaded: a bad weight fails at once
+    projection = Projection.from_pretrained(config.projection)  # small; its extra dims decide the loss terms
+    weights = loss_weights(config, projection.extra_dims)  # before any model or data is loaded: fails at once
     loader_config = PairDataConfig(**asdict(data), batch_size=config.batch_size // processes, seed=config.seed)
     source = open_pairs(loader_config)
     seed_everything(config.seed)  # before LoRA is initialised
@@ -220,7 +234,6 @@ def train(config: PairStageConfig, data: PairSourceConfig, accelerator, adapter:
         from ..backbones import load_backbone
 
         backbone = load_backbone(config.new_model, device=accelerator.device)
-    projection = Projection.from_pretrained(config.projection)
     old_id = old_model_id(config.old_model, projection.target_space, old_encoder)
     model = XBTModel(backbone, projection, adapter, old_reference=config.old_model, old_model_id=old_id)
     projection.requires_grad_(config.train_projection)
