@@ -3,7 +3,16 @@ import torch
 from torch.nn import functional as F
 
 from xbt import FingerprintMismatchError, InputError
-from xbt.projection import Projection, ProjectionConfig
+from xbt.adapter_config import PROJECTION_KINDS
+from xbt.projection import KIND_BUILDERS, Projection, ProjectionConfig
+
+
+def test_every_listed_kind_has_a_builder_and_every_builder_a_listing():
+    assert list(KIND_BUILDERS) == list(PROJECTION_KINDS)
+    for kind, (_, options) in PROJECTION_KINDS.items():  # a kind builds with the options it lists
+        shape = {"hidden_dim": 8, "extra_dims": 2}
+        psi = Projection(6, 4, kind=kind, **{option: shape[option] for option in options})
+        assert psi(torch.randn(3, 6)).shape == (3, 4)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "orthogonal"])

@@ -13,7 +13,13 @@ from .errors import InputError
 
 TOWERS = ("vision", "text")
 LAYER_KINDS = ("attention", "mlp")
-PROJECTION_KINDS = ("linear", "mlp", "orthogonal")
+PROJECTION_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "linear": ("affine", ()),
+    "mlp": ("affine + residual MLP", ("hidden_dim",)),
+    "orthogonal": ("isometry; with extra_dims the BT²/OCA shape", ("extra_dims",)),
+}
+"""ψ kind -> (what it is, the shape options it takes). Torch-free, for ``--help`` and validation; each kind's
+module is built by the row of the same name in :data:`xbt.projection.KIND_BUILDERS`."""
 
 
 def _check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> None:
@@ -63,8 +69,7 @@ class ProjectionConfig:
     """Shape of ψ, the map from the new model's space into the old one."""
 
     kind: str = field(default="mlp", metadata={
-        "help": f"ψ kind, one of {list(PROJECTION_KINDS)}: linear (affine), mlp (affine + residual MLP), "
-                f"orthogonal (isometry; with extra_dims the BT²/OCA shape)"})
+        "help": "ψ kind: " + ", ".join(f"{name} ({text})" for name, (text, _) in PROJECTION_KINDS.items())})
     hidden_dim: int | None = field(default=None, metadata={
         "help": "hidden width of the mlp kind (default: twice the larger of the two dims)"})
     extra_dims: int = field(default=0, metadata={
@@ -73,9 +78,12 @@ class ProjectionConfig:
     def __post_init__(self):
         if self.kind not in PROJECTION_KINDS:
             raise InputError(f"kind must be one of {list(PROJECTION_KINDS)}, got {self.kind!r}")
-        if self.hidden_dim is not None and (self.kind != "mlp" or self.hidden_dim < 1):
-            raise InputError(f"hidden_dim applies to kind 'mlp' only and must be at least 1, got "
+        takes = PROJECTION_KINDS[self.kind][1]
+        owners = {option: " or ".join(repr(k) for k, (_, options) in PROJECTION_KINDS.items() if option in options)
+                  for option in ("hidden_dim", "extra_dims")}
+        if self.hidden_dim is not None and ("hidden_dim" not in takes or self.hidden_dim < 1):
+            raise InputError(f"hidden_dim applies to kind {owners['hidden_dim']} only and must be at least 1, got "
                              f"hidden_dim={self.hidden_dim} with kind {self.kind!r}")
-        if self.extra_dims < 0 or (self.extra_dims and self.kind != "orthogonal"):
-            raise InputError(f"extra_dims applies to kind 'orthogonal' only and must be >= 0, got "
+        if self.extra_dims < 0 or (self.extra_dims and "extra_dims" not in takes):
+            raise InputError(f"extra_dims applies to kind {owners['extra_dims']} only and must be >= 0, got "
                              f"extra_dims={self.extra_dims} with kind {self.kind!r}")

@@ -48,6 +48,32 @@ from .errors import InputError, ModelLoadError
 from .spaces import check_same_space
 
 
+Parts = tuple[nn.Module, "nn.Module | None"]
+"""(the map of every kind, ``linear``; an optional residual added to it): the state-dict names saved ψ use."""
+
+
+def _affine(new_dim: int, old_dim: int, hidden_dim: int | None, extra_dims: int) -> Parts:
+    return nn.Linear(new_dim, old_dim), None
+
+
+def _affine_and_residual_mlp(new_dim: int, old_dim: int, hidden_dim: int | None, extra_dims: int) -> Parts:
+    linear = nn.Linear(new_dim, old_dim)  # first: the same random draws as the affine kind
+    hidden = hidden_dim or 2 * max(new_dim, old_dim)
+    residual = nn.Sequential(nn.Linear(new_dim, hidden), nn.GELU(), nn.Linear(hidden, old_dim))
+    nn.init.zeros_(residual[-1].weight)  # starts as the affine map: training adds only what it needs
+    nn.init.zeros_(residual[-1].bias)
+    return linear, residual
+
+
+def _orthogonal(new_dim: int, old_dim: int, hidden_dim: int | None, extra_dims: int) -> Parts:
+    return parametrizations.orthogonal(nn.Linear(new_dim, old_dim + extra_dims, bias=False)), None
+
+
+KIND_BUILDERS = {"linear": _affine, "mlp": _affine_and_residual_mlp, "orthogonal": _orthogonal}
+"""ψ kind -> its builder; the kinds and their options are listed (torch-free) in
+:data:`xbt.adapter_config.PROJECTION_KINDS`. A new kind = a row there and a builder here."""
+
+
 class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt", "backward-compatible"]):
     """Map new-space embeddings ``(N, new_dim)`` to normalised old-space ones ``(N, old_dim)``."""
 
@@ -66,16 +92,7 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
         self.new_dim, self.old_dim, self.kind = new_dim, old_dim, kind
         self.extra_dims = extra_dims
         self.source_space, self.target_space = source_space, target_space
-        if kind == "orthogonal":
-            self.linear = parametrizations.orthogonal(nn.Linear(new_dim, old_dim + extra_dims, bias=False))
-        else:
-            self.linear = nn.Linear(new_dim, old_dim)
-        self.residual = None
-        if kind == "mlp":
-            hidden = hidden_dim or 2 * max(new_dim, old_dim)
-            self.residual = nn.Sequential(nn.Linear(new_dim, hidden), nn.GELU(), nn.Linear(hidden, old_dim))
-            nn.init.zeros_(self.residual[-1].weight)
-            nn.init.zeros_(self.residual[-1].bias)
+        self.linear, self.residual = KIND_BUILDERS[kind](new_dim, old_dim, hidden_dim, extra_dims)
 
     @classmethod
     def build(cls, new_dim: int, old_dim: int, config: ProjectionConfig, **spaces) -> Projection:
