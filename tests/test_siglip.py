@@ -161,5 +161,5 @@ def test_siglip_as_the_new_or_the_old_model_round_trips(role, siglip_ref, tiny_r
     torch.testing.assert_close(loaded.encode_text(CAPTIONS), texts, atol=1e-5, rtol=0)
     torch.testing.assert_close(loaded.encode_image(images), pictures, atol=1e-5, rtol=0)
     # The old side is used as such: blending loads the old text encoder from its reference.
-    assert loaded.old_text_encoder().family == old.family
+    assert loaded.old_encoder().family == old.family
     assert loaded.encode_text(CAPTIONS, blend_old=0.5).shape == (len(CAPTIONS), old.embed_dim)

@@ -81,7 +81,10 @@ class EvalArguments(SplitRows):
         "help": "stage-1 embedding cache folder (its manifest.json; sources 'new' and 'old'): the fitted maps "
                 "learn from its (new, old) caption pairs, the support the adapter's ψ learnt from, instead of the "
                 "support split (slerp still fits α on the split)"})
-    blend_alpha: float = field(default=0.5, metadata={"help": "weight of the old text encoder in xbt+old, in [0, 1]"})
+    blend_alpha: float | None = field(default=None, metadata={
+        "help": "weight of the old encoder's query in xbt+old, in [0, 1] (default: the adapter's weights fitted "
+                "on held-out pairs, text and image queries, else 0.5 for text queries); xbt+old runs the old "
+                "encoder on every query"})
     eval_set: str | None = field(default=None, metadata={
         "help": "image-text pairs: image folder with metadata.jsonl/.csv, parquet, save_to_disk folder or Hub "
                 "dataset (the training loaders' sources)"})
@@ -135,7 +138,7 @@ class EvalArguments(SplitRows):
             raise InputError(f"--orderings: unknown {unknown or 'none given'}; allowed: {', '.join(ORDERINGS)}.")
         if self.gallery_modality not in MODALITIES:
             raise InputError(f"--gallery_modality must be one of {MODALITIES}, got {self.gallery_modality!r}.")
-        if not 0.0 <= self.blend_alpha <= 1.0:
+        if self.blend_alpha is not None and not 0.0 <= self.blend_alpha <= 1.0:
             raise InputError(f"--blend_alpha must lie in [0, 1], got {self.blend_alpha}.")
         if self.shard_rows is not None and self.shard_rows < 1:
             raise InputError(f"--shard_rows must be at least 1, got {self.shard_rows}.")
@@ -253,7 +256,7 @@ def model_spaces(args: EvalArguments, support_cache=None) -> list:
         new = encoder_space(NEW, NEW_MODEL, new_encoder, {"reference": str(new_encoder.reference)})
     spaces.append(new)
     if adapter is not None:
-        spaces += [adapter, blended_space(BLEND, adapter, old, args.blend_alpha)]
+        spaces += [adapter, blended_space(BLEND, adapter, old, blend_weights(args.blend_alpha, model))]
         if model.full_space_id:  # a BT²/OCA ψ: the adapter's own full space, re-indexed (xbt-full→xbt-full)
             spaces.append(full_space(XBT_FULL, model, {"adapter": str(args.adapter)}))
     spaces += [projected_space(name, projection, new, old.space_id, {"projection": folder})
@@ -282,6 +285,16 @@ def fitted_spaces(args: EvalArguments, new, old, support_cache=None) -> list:
         else:
             spaces.append(fitted_space(name, name, new, old, args.fit_on, **options))
     return spaces
+
+
+def blend_weights(given: float | None, model) -> float | dict[str, float]:
+    """``--blend_alpha`` for text queries when given; else the adapter's fitted weights (text and image queries),
+    else 0.5 for text queries."""
+    if given is not None:
+        return given
+    if model.query_blending:
+        return {modality: model.fitted_blend(modality) for modality in ("text", "image")}
+    return 0.5
 
 
 def load_baselines(values: Sequence[str], new, old) -> dict:

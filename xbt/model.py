@@ -10,8 +10,11 @@ serves every use, chosen by ``space=`` (:data:`SPACES`):
 - ``"source"``: the new model's native embeddings (adapters switched off);
 - ``"full"``: with a BT²/OCA ψ (``extra_dims`` > 0), the whole ``old_dim + extra_dims``
   vector, in the adapter's own space :attr:`XBTModel.full_space_id`;
-- ``blend_old=α`` on text queries: mixed with the old text encoder's embedding of the
-  same text (after Ricci et al.), the old text encoder loaded lazily on first use.
+- ``blend_old=α`` on queries (text or image): mixed on the sphere with the old encoder's
+  embedding of the same query (after Ricci et al.), the old encoder loaded lazily on
+  first use; ``blend_old="fitted"`` takes the weight fitted per direction on held-out
+  support pairs after stage 2 (:mod:`xbt.blending`, recorded as ``query_blending``).
+  Blending runs the old encoder on every query.
 
 All LoRA handling is in :mod:`xbt.lora`. Saving and loading go through huggingface_hub's
 ``ModelHubMixin`` (``save_pretrained`` / ``from_pretrained``, a local folder or a Hub repo
@@ -60,10 +63,12 @@ TARGET, SOURCE, FULL = "target", "source", "full"
 SPACES = (TARGET, SOURCE, FULL)
 """``space=`` values of :meth:`XBTModel.encode_text` / :meth:`XBTModel.encode_image` (default ``TARGET``)."""
 BLEND_METHODS = ("linear", "slerp")
+FITTED = "fitted"  # blend_old= value: the weight recorded in query_blending for the query's direction
+QUERY_DIRECTIONS = {"text": "text→image", "image": "image→text"}  # the direction a query modality serves
 FORMAT_VERSION = 2
 
 
-def blend_embeddings(adapted: torch.Tensor, old: torch.Tensor, alpha: float, method: str = "linear") -> torch.Tensor:
+def blend_embeddings(adapted: torch.Tensor, old: torch.Tensor, alpha: float, method: str = "slerp") -> torch.Tensor:
     """Mix two sets of normalised vectors: ``alpha`` = 0 gives ``adapted``, 1 gives ``old``.
 
     ``linear`` renormalises the weighted sum; ``slerp`` walks the great circle between them.
@@ -108,6 +113,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         old_model_id: ``model_id`` of the old encoder ψ was trained against (recorded; for a
             native backbone its fingerprint, for an adapter its weights' id).
         training: free-form JSON summary of how the adapter was trained (saved with it).
+        query_blending: the blend weights fitted on support pairs (:func:`xbt.blending.fit_query_blending`).
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         old_reference: str | None = None,
         old_model_id: str | None = None,
         training: dict[str, Any] | None = None,
+        query_blending: dict[str, Any] | None = None,
     ):
         super().__init__()
         self._hub_mixin_config = None  # the configuration is xbt_config.json (written by _save_pretrained)
@@ -134,6 +141,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         self.old_reference = old_reference
         self.old_model_id = old_model_id
         self.training_summary = dict(training or {})
+        self.query_blending = query_blending  # {"method", "blend_old": {direction: α}, "curve", "support"} or None
         self.merged = False
         self._unmerged_id: str | None = None  # the identity before merge(): the full space stays this adapter's
         self._old_encoder: Encoder | None = None
@@ -241,8 +249,8 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         self,
         texts: Sequence[str],
         space: str = TARGET,
-        blend_old: float = 0.0,
-        blend_method: str = "linear",
+        blend_old: float | str = 0.0,
+        blend_method: str = "slerp",
         batch_size: int = 256,
         progress: bool | None = None,
     ) -> torch.Tensor:
@@ -251,35 +259,50 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         Args:
             space: one of :data:`SPACES`: ``"target"`` (the old space, through the adapters
                 and ψ), ``"source"`` (native new model) or ``"full"`` (ψ with extra dims only).
-            blend_old: α in [0, 1]; > 0 mixes each query with the old text encoder's embedding
-                of the same text (``"target"`` space only; loads the old text encoder on first use).
-            blend_method: ``"linear"`` (renormalised weighted sum) or ``"slerp"``.
+            blend_old: α in [0, 1] (or ``"fitted"``: the recorded text→image weight); > 0 mixes each
+                query with the old encoder's embedding of the same text (``"target"`` space only; runs
+                the old encoder on every query, loaded on first use).
+            blend_method: ``"slerp"`` (the great circle, default) or ``"linear"`` (renormalised weighted sum).
         """
-        self._check_space(space)
-        if blend_old and space != TARGET:
-            raise InputError(f"blend_old mixes into the old (target) space; it cannot be used with space={space!r}.")
-        if space == SOURCE:
-            with self.adapters_disabled():
-                return self.backbone.encode_text(texts, batch_size=batch_size, progress=progress)
-        embeddings = self._project(self.backbone.encode_text(texts, batch_size=batch_size, progress=progress), space)
-        if blend_old:
-            old = self.old_text_encoder().encode_text(texts, batch_size=batch_size, progress=progress)
-            embeddings = blend_embeddings(embeddings, old, blend_old, blend_method)
-        return embeddings
+        return self._encode("text", texts, space, blend_old, blend_method, batch_size, progress)
 
     def encode_image(
         self,
         images: Sequence[ImageLike] | torch.Tensor,
         space: str = TARGET,
+        blend_old: float | str = 0.0,
+        blend_method: str = "slerp",
         batch_size: int = 128,
         progress: bool | None = None,
     ) -> torch.Tensor:
-        """Normalised float32 image embeddings on the CPU in ``space`` (one of :data:`SPACES`)."""
+        """Normalised float32 image embeddings on the CPU in ``space`` (one of :data:`SPACES`); ``blend_old``
+        as in :meth:`encode_text`, with the old image encoder (``"fitted"``: the image→text weight)."""
+        return self._encode("image", images, space, blend_old, blend_method, batch_size, progress)
+
+    def _encode(self, modality: str, items, space: str, blend_old: float | str, blend_method: str,
+                batch_size: int, progress: bool | None) -> torch.Tensor:
         self._check_space(space)
+        if isinstance(blend_old, str) and blend_old != FITTED:
+            raise InputError(f"blend_old must be a number in [0, 1] or {FITTED!r}, got {blend_old!r}.")
+        alpha = self.fitted_blend(modality) if blend_old == FITTED else float(blend_old)
+        if alpha and space != TARGET:
+            raise InputError(f"blend_old mixes into the old (target) space; it cannot be used with space={space!r}.")
         if space == SOURCE:
             with self.adapters_disabled():
-                return self.backbone.encode_image(images, batch_size=batch_size, progress=progress)
-        return self._project(self.backbone.encode_image(images, batch_size=batch_size, progress=progress), space)
+                return getattr(self.backbone, f"encode_{modality}")(items, batch_size=batch_size, progress=progress)
+        embeddings = self._project(getattr(self.backbone, f"encode_{modality}")(items, batch_size=batch_size,
+                                                                                 progress=progress), space)
+        if alpha:
+            old = getattr(self.old_encoder(), f"encode_{modality}")(items, batch_size=batch_size, progress=progress)
+            embeddings = blend_embeddings(embeddings, old, alpha, blend_method)
+        return embeddings
+
+    def fitted_blend(self, modality: str) -> float:
+        """The blend weight fitted for queries of ``modality`` (``"text"``: text→image, ``"image"``: image→text)."""
+        if not self.query_blending:
+            raise InputError("blend_old='fitted': this adapter records no fitted blend weights; train stage 2 with "
+                             "--blend_support PAIRS (held-out pairs), or pass a number in [0, 1].")
+        return float(self.query_blending["blend_old"][QUERY_DIRECTIONS[modality]])
 
     def _project(self, new_embeddings: torch.Tensor, space: str = TARGET) -> torch.Tensor:
         device = next(self.projection.parameters()).device
@@ -299,8 +322,8 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
                              f"one is {self.projection.kind!r} with extra_dims=0, so its full vectors are the "
                              f"space='target' ones.")
 
-    # -- the old text encoder (query blending only) -------------------------------------
-    def old_text_encoder(self) -> Encoder:
+    # -- the old encoder (query blending only) ------------------------------------------
+    def old_encoder(self) -> Encoder:
         """The old encoder, loaded on first use from the recorded reference and space-checked."""
         if self._old_encoder is None:
             if not self.old_reference:
@@ -340,6 +363,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
                      "peft_version": lora.peft_version(),
                      "peft_mha_out_proj_factor": lora.mha_out_proj_factor() if lora.has_mha_lora(model) else None},
             "training": self.training_summary,
+            "query_blending": self.query_blending,
         }
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -430,7 +454,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         adapter = AdapterConfig(**{f.name: recorded[f.name] for f in fields(AdapterConfig)})
         old = config["old_model"]
         model = cls(backbone, projection, adapter, old_reference=old["reference"], old_model_id=old["fingerprint"],
-                    training=config.get("training"))
+                    training=config.get("training"), query_blending=config.get("query_blending"))
         lora.load(backbone.model, folder)
         if model.model_id != config["model_id"]:
             raise ModelLoadError(f"The weights in {folder} have identity {model.model_id}, but {CONFIG_FILE} records "

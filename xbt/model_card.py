@@ -127,11 +127,27 @@ def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
         source_space=config.get("source_space"), target_space=config.get("target_space"),
         adapter=_bullets({"projection": _projection_config(folder), "lora": config.get("lora")}),
         training=_bullets(config.get("training")),
+        blending=_blending(config.get("query_blending")),
         evaluation=_evaluation(folder, metrics),
     )
     card = ModelCard(text)  # parses the metadata back: what the Hub will read
     card.text = f"{GENERATED_MARK}\n{card.text}"
     return str(card)
+
+
+def _blending(fitted: dict[str, Any] | None) -> str:
+    """What query blending the card can promise, and its cost: the old encoder runs on every blended query."""
+    if not fitted:
+        return ("**Query blending** (`blend_old=α` on `encode_text` / `encode_image`) mixes each query with the old "
+                "model's embedding of it, on the sphere; it runs the old model on every query. No weights were "
+                "fitted for this adapter.")
+    weights = ", ".join(f"{direction} {fitted['blend_old'][direction]:.2f}" for direction in DIRECTIONS
+                        if direction in fitted["blend_old"])
+    images = (fitted.get("support") or {}).get("images")
+    where = f" on {images} held-out image–text pairs" if images else ""
+    return (f"**Query blending**: `blend_old=\"fitted\"` mixes each query with the old model's embedding of it "
+            f"at the weights fitted{where} ({weights}); it runs the old model on every query. A number instead of "
+            f"`\"fitted\"` overrides them.")
 
 
 def _projection_config(folder: Path) -> dict[str, Any] | None:

@@ -177,10 +177,14 @@ def projected_space(name: str, projection: torch.nn.Module, source: Space, space
                  model_id=None, info=dict(info or {}))
 
 
-def blended_space(name: str, adapter: Space, old: Space, alpha: float) -> Space:
-    """Text queries of ``adapter`` blended with ``old``'s at weight ``alpha``, as
-    ``XBTModel.encode_text(blend_old=alpha)`` does, from vectors that are encoded anyway."""
-    if not 0.0 <= alpha <= 1.0:
+def blended_space(name: str, adapter: Space, old: Space, alpha: float | dict[str, float]) -> Space:
+    """Queries of ``adapter`` blended on the sphere with ``old``'s at weight ``alpha``, as
+    ``XBTModel.encode_text/encode_image(blend_old=alpha)`` do, from vectors that are encoded anyway.
+
+    ``alpha``: one weight for text queries, or ``{modality: weight}`` (the adapter's fitted weights: text
+    queries with the old text encoder, image queries with the old image encoder)."""
+    weights = {TEXT: alpha} if not isinstance(alpha, dict) else dict(alpha)
+    if any(not 0.0 <= value <= 1.0 for value in weights.values()):
         raise InputError(f"The blend weight alpha must lie in [0, 1], got {alpha}.")
     check_same_space(old.space_id, adapter.space_id, f"The adapter {adapter.name!r} blended with {old.name!r}")
 
@@ -188,11 +192,12 @@ def blended_space(name: str, adapter: Space, old: Space, alpha: float) -> Space:
         from ..model import blend_embeddings
 
         mixed = blend_embeddings(torch.from_numpy(np.asarray(adapted.vectors)),
-                                 torch.from_numpy(np.asarray(original.vectors)), alpha).numpy()
+                                 torch.from_numpy(np.asarray(original.vectors)), weights[modality]).numpy()
         return Labeled(mixed, adapted.labels, adapter.space_id)
 
     return Space(name, BLENDED, adapter.space_id, adapter.dim, derive=Derivation((adapter.name, old.name), blend),
-                 modalities=(TEXT,), info={"blend_alpha": alpha, "blends": [adapter.name, old.name]})
+                 modalities=tuple(weights), info={"blend_alpha": alpha if not isinstance(alpha, dict) else weights,
+                                                   "blends": [adapter.name, old.name]})
 
 
 def denoised_space(name: str, old: Space) -> Space:

@@ -11,6 +11,7 @@ GLOBAL batch (all processes together) everywhere. :class:`FitConfig` is the layo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
@@ -172,9 +173,16 @@ class PairStageConfig(TrainConfig):
         "help": "learning rate of ψ (default: learning_rate)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the towers' activations in the backward pass (less memory, more time)"})
+    blend_support: str | None = field(default=None, metadata={
+        "help": "held-out image-text pairs (not training pairs) on which the query-blending weight is fitted per "
+                "direction after training and recorded in the adapter (blend_old='fitted'; blending runs the old "
+                "encoder on every query)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.blend_support is not None and not Path(self.blend_support).exists():
+            raise InputError(f"blend_support: {self.blend_support!r} does not exist; give held-out image-text "
+                             f"pairs (an image folder with metadata.jsonl, a table, ...).")
         if self.max_steps < 1:
             raise InputError(f"max_steps: got {self.max_steps!r}; allowed: an integer >= 1.")
         if self.bank_negatives < 0:

@@ -275,6 +275,12 @@ def train(config: PairStageConfig, data: PairSourceConfig, accelerator, adapter:
             "replicas_identical": True,
             "data_quality": task.finished_pass or task.quality.to_dict(),  # of the main process's share
         }
+        if config.blend_support:
+            from ..blending import fit_query_blending
+            from ..encoders import load_encoder
+
+            old = old_encoder or load_encoder(config.old_model, device=accelerator.device)
+            model.query_blending = fit_query_blending(model.eval(), old, config.blend_support)
         model.save_pretrained(folder)
     accelerator.wait_for_everyone()
     return folder
