@@ -157,6 +157,28 @@ def test_an_image_table_is_read_through_the_pair_reader_with_row_ids(tiny_refs, 
     np.testing.assert_allclose(vectors, load_backbone(ref).encode_image(paths).numpy(), atol=1e-6)
 
 
+def test_only_the_rows_of_the_named_split_are_embedded(tiny_refs, tmp_path):
+    """A benchmark table holding its splits in a column (Karpathy's `split`), images and a text column."""
+    import datasets
+
+    ref = tiny_refs["open_clip"]
+    paths = write_images(tmp_path / "raw", [f"{i}.png" for i in range(4)])
+    table = datasets.Dataset.from_dict({"image": [str(p) for p in paths], "caption": ["w", "x", "y", "z"],
+                                        "id": ["a", "b", "c", "d"], "split": ["train", "test", "val", "test"]})
+    table.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "table")
+    common = ["--model", ref, "--source", str(tmp_path / "table"), "--id_column", "id", "--split_column", "split",
+              "--split_values", "test", "val"]
+    images = embed(*common, "--modality", "image", "--output_dir", str(tmp_path / "images"))
+    vectors, ids, _ = read_embeddings_dir(images)
+    assert ids == ["b", "c", "d"]
+    np.testing.assert_allclose(vectors, load_backbone(ref).encode_image(paths[1:]).numpy(), atol=1e-6)
+    texts = embed(*common, "--modality", "text", "--text_column", "caption", "--output_dir", str(tmp_path / "texts"))
+    assert read_embeddings_dir(texts)[1] == ["b", "c", "d"]
+    with pytest.raises(InputError, match="split_values .* need split_column"):
+        run(["--model", ref, "--source", str(tmp_path / "table"), "--modality", "image", "--split_values", "test",
+             "--output_dir", str(tmp_path / "x")])
+
+
 def test_an_adapter_writes_merged_vectors_into_its_target_space(adapter, tmp_path):
     folder, old_ref = adapter
     paths = write_images(tmp_path / "images", [f"{i}.png" for i in range(5)])

@@ -61,6 +61,7 @@ from .config import parse_configs
 from .data.examples import MISSING, BadExample, classify
 from .data.packed import PackedStrings
 from .embed_config import EmbedConfig
+from .data.tables import filter_split, select_split
 from .encoders import load_encoder
 from .errors import FingerprintMismatchError, InputError, XBTError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_unique_ids
@@ -266,7 +267,8 @@ def _pair_config(config: EmbedConfig, kind: str):
 
     return PairDataConfig(source=config.source, format=kind, split=config.split, image_column=config.image_column,
                           caption_column=config.caption_column, id_column=config.id_column,
-                          max_bad_fraction=config.max_bad_fraction)
+                          max_bad_fraction=config.max_bad_fraction, split_column=config.split_column,
+                          split_values=config.split_values)
 
 
 def _open_pair_source(config: EmbedConfig, kind: str) -> Items:
@@ -316,11 +318,8 @@ def _load_table(config: EmbedConfig, kind: str):
             table = datasets.load_dataset(config.source, split=config.split)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise InputError(f"Cannot load dataset {config.source!r} ({kind}): {error}") from error
-    if isinstance(table, datasets.DatasetDict):
-        if config.split not in table:
-            raise InputError(f"Dataset {config.source!r} has no split {config.split!r} (splits: {sorted(table)}).")
-        table = table[config.split]
-    return table
+    where = f"Dataset {config.source!r}"
+    return filter_split(select_split(table, config.split, where), config.split_column, config.split_values, where)
 
 
 def check_ids(ids: Sequence[str], where: str) -> None:

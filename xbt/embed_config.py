@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .data.tables import SplitRows
 from .errors import InputError
 
 MODALITIES = ("image", "text")
@@ -15,7 +16,7 @@ SOURCE_FORMATS = ("auto", "images", "lines", "folder", "disk", "parquet", "hub",
 
 
 @dataclass
-class EmbedConfig:
+class EmbedConfig(SplitRows):
     """What to encode, with which encoder, and where the vectors go."""
 
     model: str = field(metadata={"help": "a model reference (open_clip:..., hf:...) or an xbt adapter "
@@ -60,6 +61,7 @@ class EmbedConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar (main process only)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         choices = {"modality": (self.modality, MODALITIES), "dtype": (self.dtype, DTYPES),
                    "format": (self.format, SOURCE_FORMATS), "space": (self.space, EMBED_SPACES)}
         for option, (value, allowed) in choices.items():
