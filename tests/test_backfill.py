@@ -42,6 +42,14 @@ def test_gallery_orderings_sort_by_their_brute_force_score(name, score):
     assert sorted(order) == list(range(120))
 
 
+@pytest.mark.parametrize("name", ["hubness", "density"])
+def test_an_approximate_neighbour_index_that_finds_fewer_than_k_still_orders_every_item(name):
+    vectors = _unit(np.random.default_rng(1), 120)
+    config = SearchConfig(index_factory="IVF16,Flat")  # ~7 items per list, one list probed: fewer than k+1 found
+    order = order_items(name, vectors, k=10, config=config)
+    assert sorted(order) == list(range(120))
+
+
 def test_random_ordering_is_a_seeded_permutation():
     vectors = _unit(np.random.default_rng(0), 50)
     assert np.array_equal(order_items("random", vectors, 3), order_items("random", vectors, 3))

@@ -93,7 +93,8 @@ def hubness_order(vectors: np.ndarray, seed: int, k: int = NEIGHBOURS, config: S
                   **_) -> np.ndarray:
     """Hubs first: items that are among the k nearest neighbours of the most others (k-occurrence).
     In a weak space hubs crowd many queries' top K; replacing them first frees the most rankings."""
-    counts = np.bincount(neighbours(vectors, k, config).rows.ravel(), minlength=len(vectors))
+    rows = neighbours(vectors, k, config).rows.ravel()
+    counts = np.bincount(rows[rows >= 0], minlength=len(vectors))  # an approximate index may find fewer than k
     return _by_score(counts)
 
 
@@ -102,7 +103,9 @@ def density_order(vectors: np.ndarray, seed: int, k: int = NEIGHBOURS, config: S
                   **_) -> np.ndarray:
     """Crowded regions first: the mean similarity to the k nearest neighbours, where the old space confuses
     items most."""
-    return _by_score(neighbours(vectors, k, config).scores.mean(1))
+    found = neighbours(vectors, k, config)
+    scores = np.where(found.rows >= 0, found.scores, np.nan)  # an approximate index may find fewer than k
+    return _by_score(np.nan_to_num(np.nanmean(scores, axis=1), nan=-np.inf))
 
 
 @ordering("oracle")
