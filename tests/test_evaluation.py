@@ -250,6 +250,7 @@ def test_matrix_agrees_with_direct_computation_and_goes_through_the_embedding_ca
     # Every ordering's backfill curve runs from xbt→old (nothing re-embedded) to xbt→xbt (everything, one index)
     # and, re-embedded by the new model (two indexes, rank merge), to new→new.
     for key, target in (("backfill", "xbt→xbt"), ("backfill_new_model", "new→new")):
+        assert set(report[key]) == {"text→image", "image→text"}, key  # the baseline's own re-indexed cell too
         for direction, curve in report[key].items():
             assert (curve["query"], curve["gallery"]) == ("xbt", "old")
             assert set(curve["orderings"]) == {"random", "hubness", "density", "oracle"}

@@ -179,14 +179,17 @@ def _backfill_curves(plan: list[PlannedCell], pools: dict, config: EvalConfig, r
     from ..backfill import curves_by_ordering
 
     curves: dict[str, dict] = {}
-    targets = {c.direction: c.query for c in plan if c.role == reembed_role and c.query == c.gallery}
+    # several spaces may re-index their own gallery (the adapter, fitted baselines): keep every (direction, space)
+    selves = {(c.direction, c.query) for c in plan if c.role == reembed_role and c.query == c.gallery}
     for cell in plan:
-        if cell.role != COMPATIBILITY or cell.direction in curves or cell.direction not in targets:
+        if cell.role != COMPATIBILITY or cell.direction in curves:
             continue
-        if reembed_role == REINDEXED and targets[cell.direction] != cell.query:
-            continue  # score merge: the gallery re-embedded by this very adapter
+        # score merge: the gallery re-embedded by this very adapter; rank merge: by the new model
+        target = cell.query if reembed_role == REINDEXED else next(
+            (space for direction, space in sorted(selves) if direction == cell.direction), None)
+        if (cell.direction, target) not in selves:
+            continue
         queries, galleries = pools[cell.direction]
-        target = targets[cell.direction]
         rows = _replaceable_rows(galleries[cell.gallery], galleries[target])
         if rows is None:
             logger.warning("No backfill curve for %s: the %s gallery cannot be matched item by item with the %s one.",
