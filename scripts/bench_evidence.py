@@ -87,17 +87,16 @@ def stage2(root: Path, pair, projection: Path, source: Path, name: str, steps: i
     return adapter
 
 
-def random_projection(root: Path, pair, seed: int) -> Path:
+def random_projection(root: Path, seed: int) -> Path:
     """A ψ of stage 1's shape with its initial (untrained) weights: stage 2 "without stage 1"."""
     import torch
 
     folder = root / "psi_random"
     if not (folder / "model.safetensors").is_file():
-        old, new = load_backbone(pair.old), load_backbone(pair.new)
         torch.manual_seed(seed)
-        stage1 = Projection.from_pretrained(root / "xbt" / "stage1")
-        Projection(new.embed_dim, old.embed_dim, kind=stage1.kind, source_space=new.space_id,
-                   target_space=old.space_id).save_pretrained(folder)
+        stage1 = Projection.from_pretrained(root / "xbt" / "stage1")  # its dims and spaces: no model to load
+        Projection(stage1.new_dim, stage1.old_dim, kind=stage1.kind, source_space=stage1.source_space,
+                   target_space=stage1.target_space).save_pretrained(folder)
     return folder
 
 
@@ -136,7 +135,7 @@ def one_seed(root: Path, preset_name: str, seed: int, fractions: list[float], ac
         np.save(part["embeddings"], np.load(gallery["embeddings"])[rows])
         part["ids"].write_text("\n".join(ids[i] for i in rows) + "\n")
         for label, projection in (("with stage 1", root / "xbt" / "stage1"),
-                                  ("without stage 1", random_projection(root, pair, seed))):
+                                  ("without stage 1", random_projection(root, seed))):
             name = f"{'with' if label == 'with stage 1' else 'without'}-{fraction:g}"
             adapter = stage2(root, pair, projection, source, name, steps, seed, cache, part, "", accelerator)
             curve[label][fraction] = evaluate(root, pair, adapter, name, cache)

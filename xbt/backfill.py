@@ -174,17 +174,17 @@ def backfill_ranks(queries: Labeled, old_gallery: Labeled, reembedded: Labeled, 
     check_same_space(reembedded.space_id, reembedded_queries.space_id, "The queries of the re-embedded part")
     kept = np.ones(len(old_gallery), dtype=bool)
     kept[rows[chosen]] = False
-    old_rows, new_rows = np.flatnonzero(kept), rows[chosen]
-    parts = []
-    for query, vectors, gallery_rows in ((queries, old_gallery.vectors, old_rows),
-                                         (reembedded_queries, reembedded.vectors, chosen)):
-        if len(gallery_rows) == 0:
-            parts.append(SearchResult(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)))
-            continue
-        found = search(query.vectors, np.asarray(vectors)[gallery_rows], k, config, "backfill")
-        parts.append(found)
-    old_part = SearchResult(parts[0].scores, np.where(parts[0].rows >= 0, old_rows[parts[0].rows.clip(0)], -1))
-    new_part = SearchResult(parts[1].scores, np.where(parts[1].rows >= 0, new_rows[parts[1].rows.clip(0)], -1))
+
+    def part(query: Labeled, vectors: np.ndarray, picked: np.ndarray, gallery_rows: np.ndarray) -> SearchResult:
+        """``query`` searched over ``vectors[picked]``, its hits numbered as the gallery rows ``gallery_rows``."""
+        if len(picked) == 0:
+            return SearchResult(np.zeros((len(query), 0), np.float32), np.zeros((len(query), 0), np.int64))
+        found = search(query.vectors, np.asarray(vectors)[picked], k, config, "backfill")
+        return SearchResult(found.scores, np.where(found.rows >= 0, gallery_rows[found.rows.clip(0)], -1))
+
+    old_rows = np.flatnonzero(kept)
+    old_part = part(queries, old_gallery.vectors, old_rows, old_rows)
+    new_part = part(reembedded_queries, reembedded.vectors, chosen, rows[chosen])
     return first_hit_rank(rank_merge(old_part, new_part, k), queries.labels, old_gallery.labels)
 
 
