@@ -58,7 +58,7 @@ def test_random_ordering_is_a_seeded_permutation():
         order_items("nope", vectors)
     with pytest.raises(InputError, match="oracle ordering needs evaluation queries"):
         order_items("oracle", vectors)
-    assert set(ORDERINGS) == {"random", "hubness", "density", "oracle"}
+    assert set(ORDERINGS) == {"random", "hubness", "density", "uncertainty", "oracle"}
 
 
 def test_rank_merge_interleaves_by_rank_the_reembedded_part_first():

@@ -34,6 +34,12 @@ def test_demo_reuses_trained_models_and_runs_the_whole_pipeline(trained_pair, ca
     assert cells["image→text xbt→old"]["compatible"]["10"]
     assert cells["text→image xbt→old"]["recall"]["10"] >= cells["text→image old→old"]["recall"]["10"]
     assert {"text→image stage1→old", "text→image procrustes→old", "text→image ridge→old"} <= set(cells)
+    # Stage 2 had the stored gallery, so the adapter carries FastFill's head and eval orders backfilling by it too.
+    assert (output / "xbt" / "stage2" / "adapter" / "uncertainty" / "model.safetensors").is_file()
+    metrics = json.loads((output / "eval" / "metrics.json").read_text())
+    for key in ("backfill", "backfill_new_model"):
+        assert set(metrics[key]) == {"text→image", "image→text"}
+        assert all("uncertainty" in curve["orderings"] for curve in metrics[key].values())
 
     adapter = output / "xbt" / "stage2" / "adapter" / "adapter_model.safetensors"
     stamp = adapter.stat().st_mtime_ns

@@ -71,9 +71,10 @@ NO_GALLERY, GALLERY = frozenset({"old_captions"}), frozenset({"old_captions", "o
 
 def test_default_weights_follow_what_the_data_provides():
     assert resolve_weights(PAIR_TERMS, {}, GALLERY) == {"new_new": 1.0, "anchor": 0.0, "text_to_old_image": 1.0,
-                                                        "image_to_old_text": 1.0, "full_new": 0.0}
+                                                        "image_to_old_text": 1.0, "full_new": 0.0, "uncertainty": 1.0}
     assert resolve_weights(PAIR_TERMS, {}, NO_GALLERY) == {"new_new": 1.0, "anchor": 1.0, "text_to_old_image": 0.0,
-                                                           "image_to_old_text": 0.0, "full_new": 0.0}
+                                                           "image_to_old_text": 0.0, "full_new": 0.0,
+                                                           "uncertainty": 0.0}
     # a ψ with extra dims (BT²/OCA) trains them by default: else nothing would
     assert resolve_weights(PAIR_TERMS, {}, NO_GALLERY | {"extra_dims"})["full_new"] == 1.0
     assert resolve_weights(PAIR_TERMS, {"anchor": 0.5}, GALLERY)["anchor"] == 0.5  # a given weight wins
@@ -95,7 +96,7 @@ def test_registry_entries_declare_temperature_use_and_old_space():
     assert uses_temperature(PAIR_TERMS, {"anchor": 1.0, "new_new": 0.0}) is False
     assert uses_temperature(PAIR_TERMS, {"anchor": 1.0, "new_new": 1.0}) is True
     assert uses_temperature(TEXT_LOSSES, {"cosine": 1.0}) is False and uses_temperature(TEXT_LOSSES, {"infonce": 1})
-    assert [name for name, term in PAIR_TERMS.items() if not term.old_space] == ["new_new", "full_new"]
+    assert [name for name, term in PAIR_TERMS.items() if not term.old_space] == ["new_new", "full_new", "uncertainty"]
     assert uses_temperature(PAIR_TERMS, {"anchor": 1.0, "full_new": 1.0}) is True
 
 

@@ -28,6 +28,7 @@ from xbt.train.engine import make_accelerator
 from xbt.losses import PAIR_TERMS, Temperature, info_nce
 from xbt.train.pair_stage import PairTask, TrainingDivergedError, bank_rows, enable_gradient_checkpointing, train
 from xbt.train.targets import load_gallery
+from xbt.uncertainty import UncertaintyHead, load_head
 
 from helpers import write_pairs
 
@@ -92,8 +93,9 @@ def test_train_writes_a_loadable_adapter_and_leaves_the_base_untouched(setup, tm
     summary = json.loads((folder / "xbt_config.json").read_text())["training"]
     assert summary["steps"] == 6 and summary["gallery_aware"] and summary["processes"] == 1
     assert summary["loss_weights"] == {"new_new": 1.0, "anchor": 0.0, "text_to_old_image": 1.0,
-                                       "image_to_old_text": 1.0, "full_new": 0.0}  # an mlp ψ has no extra dims
-    assert set(summary["final_loss_terms"]) == {"new_new", "text_to_old_image", "image_to_old_text"}
+                                       "image_to_old_text": 1.0, "full_new": 0.0,  # an mlp ψ has no extra dims
+                                       "uncertainty": 1.0}
+    assert set(summary["final_loss_terms"]) == {"new_new", "text_to_old_image", "image_to_old_text", "uncertainty"}
     # The corrupt and the missing image were skipped and counted (not fatal under max_bad_fraction).
     assert summary["data_quality"]["skipped"] == 2 and summary["data_quality"]["kept"] == IMAGES
 
@@ -108,7 +110,32 @@ def test_train_writes_a_loadable_adapter_and_leaves_the_base_untouched(setup, tm
     assert checkpoints == ["step-00000003", "step-00000006"]
     # Checkpoints hold only what trains, never the frozen backbone.
     saved = load_file(str(next((tmp_path / "run" / "checkpoints" / "step-00000006").glob("model*.safetensors"))))
-    assert saved and all("lora_" in k or k.startswith(("model.projection.", "temperature.")) for k in saved)
+    assert saved and all("lora_" in k or k.startswith(("model.projection.", "temperature.", "uncertainty_head."))
+                         for k in saved)
+
+
+def test_the_uncertainty_head_trains_beside_the_adapter_and_never_changes_it(setup, tmp_path, accelerator):
+    """FastFill's head: saved in the adapter, reloaded with it, trained (not its initial weights), and the LoRA and
+    ψ weights are bit-identical to a run without it (its target is detached, its gradient clipped on its own)."""
+    gallery = {"old_image_embeddings": str(setup.gallery), "old_image_ids": str(setup.gallery_ids)}
+    with_head = train(*configs(setup, tmp_path / "with", accelerator, **gallery))
+    without = train(*configs(setup, tmp_path / "without", accelerator, loss_weights="uncertainty=0", **gallery))
+    assert (with_head / "uncertainty" / "model.safetensors").is_file() and not (without / "uncertainty").exists()
+    first, second = trainable_weights(with_head), trainable_weights(without)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    model = XBTModel.from_pretrained(with_head)
+    head = model.uncertainty_head
+    assert head is not None and head.space_id == model.space_id == load_backbone(setup.old_ref).space_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the run's seed: the head's initial weights
+        initial = UncertaintyHead(model.dim)
+    assert any(not torch.equal(a, b) for a, b in zip(head.state_dict().values(), initial.state_dict().values()))
+    assert XBTModel.from_pretrained(without).uncertainty_head is None
+    saved_again = tmp_path / "saved_again"
+    model.save_pretrained(saved_again)  # the head travels with the adapter
+    probe = np.eye(model.dim, dtype=np.float32)
+    assert np.array_equal(load_head(saved_again).log_variance(probe), head.log_variance(probe))
 
 
 def test_gallery_is_matched_by_id_and_refused_when_it_does_not_fit(setup, tmp_path):
@@ -223,7 +250,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_p
     saved = [load_file(str(next((tmp_path / run / "checkpoints").glob("step-*/model*.safetensors"))))
              for run in ("one", "two")]
     assert len(saved[0]) == len(saved[1]) and all("lora_" in k or "projection" in k or "temperature" in k
-                                                  for k in saved[1])
+                                                  or "uncertainty_head" in k for k in saved[1])
+    probe = np.eye(24, dtype=np.float32)  # one stored vector per old dimension
+    heads = [load_head(tmp_path / run / "adapter").log_variance(probe) for run in ("one", "two")]
+    assert np.allclose(*heads, atol=1e-5)  # the uncertainty head trains under DDP as on one process
     assert any(not torch.equal(one[k], torch.zeros_like(one[k])) for k in one if "lora_B" in k)
 
 

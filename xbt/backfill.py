@@ -4,8 +4,9 @@ Backfilling re-embeds stored gallery items with a better encoder. Three pieces:
 
 * **Orderings** (:data:`ORDERINGS`, name -> function): the order items are re-embedded in,
   as nested prefixes (a larger fraction re-embeds a superset). ``random``, ``hubness``
-  and ``density`` need only the stored old-space vectors, so ``xbt plan`` computes them
-  over a production gallery without running any model; ``oracle`` needs the evaluation
+  and ``density`` need only the stored old-space vectors, ``uncertainty`` those and the
+  adapter's small FastFill head, so ``xbt plan`` computes them over a production gallery
+  without running any model; ``oracle`` needs the evaluation
   queries before and after and exists for reference only. Adding one = one decorated
   function.
 * **Merge rules.** When the re-embedded part lives in the same space as the rest (an xbt
@@ -106,6 +107,16 @@ def density_order(vectors: np.ndarray, seed: int, k: int = NEIGHBOURS, config: S
     found = neighbours(vectors, k, config)
     scores = np.where(found.rows >= 0, found.scores, np.nan)  # an approximate index may find fewer than k
     return _by_score(np.nan_to_num(np.nanmean(scores, axis=1), nan=-np.inf))
+
+
+@ordering("uncertainty")
+def uncertainty_order(vectors: np.ndarray, seed: int, head=None, **_) -> np.ndarray:
+    """FastFill (Jaeckle et al., ICLR 2023): the items the adapter's uncertainty head is least sure of first
+    (largest predicted σ from the stored vector alone, :mod:`xbt.uncertainty`)."""
+    if head is None:
+        raise InputError("The uncertainty ordering needs the adapter's uncertainty head (uncertainty/ in the adapter "
+                         "folder): train stage 2 with stored old image embeddings, which trains it by default.")
+    return _by_score(head.log_variance(vectors))
 
 
 @ordering("oracle")
@@ -222,12 +233,16 @@ def backfill_curve(queries: Labeled, old_gallery: Labeled, reembedded: Labeled,
 def curves_by_ordering(queries: Labeled, old_gallery: Labeled, reembedded: Labeled, rows: np.ndarray | None,
                        orderings: Sequence[str], seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                        ks: Sequence[int] = (1, 5, 10), config: SearchConfig | None = None,
-                       reembedded_queries: Labeled | None = None, neighbours: int = NEIGHBOURS) -> dict[str, dict]:
+                       reembedded_queries: Labeled | None = None, neighbours: int = NEIGHBOURS,
+                       head=None) -> dict[str, dict]:
     """:func:`backfill_curve` for each ordering, computed from the stored old vectors of the replaceable rows
-    (``neighbours``: k of their neighbour graph; the oracle from the measured per-item gain at R@min(ks))."""
+    (``neighbours``: k of their neighbour graph; ``head``: the adapter's uncertainty head, for that ordering;
+    the oracle from the measured per-item gain at R@min(ks))."""
     rows = np.arange(len(old_gallery)) if rows is None else np.asarray(rows)
     stored = np.asarray(old_gallery.vectors)[rows]
-    context: dict = {"k": neighbours, "config": config}
+    if head is not None:
+        head.check_space(old_gallery.space_id)
+    context: dict = {"k": neighbours, "config": config, "head": head}
     if any(name in NEEDS_QUERIES for name in orderings):
         k = min(ks)
         everything = np.arange(len(rows))

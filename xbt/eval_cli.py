@@ -120,8 +120,9 @@ class EvalArguments(SplitRows):
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS), metadata={"help": "K of Recall@K, space-separated"})
     seed: int = field(default=0, metadata={
         "help": "seeds the random ordering of the backfill curves and the support split"})
-    orderings: list[str] = field(default_factory=lambda: ["random", "hubness", "density", "oracle"], metadata={
-        "help": "backfill orderings compared (xbt.backfill.ORDERINGS), space-separated; oracle reads the "
+    orderings: list[str] | None = field(default=None, metadata={
+        "help": "backfill orderings compared (xbt.backfill.ORDERINGS), space-separated (default: random hubness "
+                "density oracle, and uncertainty when the adapter has an uncertainty head); oracle reads the "
                 "evaluation queries and is for reference only"})
     device: str = field(default="cpu", metadata={"help": "device the models encode on, e.g. cpu or cuda"})
     cache_dir: str | None = field(default=None, metadata={
@@ -133,8 +134,8 @@ class EvalArguments(SplitRows):
             raise InputError(f"--ks must be positive integers, got {self.ks}.")
         from .backfill import ORDERINGS
 
-        unknown = [name for name in self.orderings if name not in ORDERINGS]
-        if unknown or not self.orderings:
+        unknown = [name for name in self.orderings or () if name not in ORDERINGS]
+        if unknown or self.orderings == []:
             raise InputError(f"--orderings: unknown {unknown or 'none given'}; allowed: {', '.join(ORDERINGS)}.")
         if self.gallery_modality not in MODALITIES:
             raise InputError(f"--gallery_modality must be one of {MODALITIES}, got {self.gallery_modality!r}.")
@@ -339,6 +340,20 @@ def open_eval_set(args: EvalArguments) -> EvalSet:
 LIST_FLAGS = ("--baselines", "--galleries", "--queries", "--ks", "--orderings", "--fit_on")
 
 
+def backfill_orderings(given: Sequence[str] | None, spaces) -> tuple[str, ...]:
+    """The orderings to compare: ``given``, or the defaults plus ``uncertainty`` when an adapter has its head.
+    An ordering whose input no space provides is refused before anything is encoded."""
+    from .evaluation import EvalConfig
+
+    heads = [space.name for space in spaces if getattr(space.encoder, "uncertainty_head", None) is not None]
+    if given is None:
+        return EvalConfig.orderings + (("uncertainty",) if heads else ())
+    if "uncertainty" in given and not heads:
+        raise InputError("--orderings uncertainty: no adapter given here has an uncertainty head (uncertainty/ in "
+                         "its folder); stage 2 trains one when it has stored old image embeddings.")
+    return tuple(given)
+
+
 def _check_list_flags_once(argv: Sequence[str]) -> None:
     """A list option takes all its values after one flag; argparse would silently keep only the last repeat."""
     for flag in LIST_FLAGS:
@@ -365,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     queries = {name: load_embeddings(path, args.query_ids) for name, path in named(args.queries, "--queries").items()}
     support_cache = open_support_cache(args.support_cache) if args.support_cache else None
     spaces = model_spaces(args, support_cache) if eval_set is not None else stored_spaces(galleries, queries)
-    config = EvalConfig(ks=tuple(args.ks), seed=args.seed, orderings=tuple(args.orderings),
+    config = EvalConfig(ks=tuple(args.ks), seed=args.seed, orderings=backfill_orderings(args.orderings, spaces),
                         support_fraction=args.support_fraction if uses_support_split(args) else 0.0,
                         search=SearchConfig(args.index_factory, args.search_parameters, args.shard_rows))
     output = Path(args.output_dir)

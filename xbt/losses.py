@@ -5,6 +5,7 @@ All inputs are L2-normalised embeddings.
 - :func:`info_nce`: symmetric (or one-way) contrastive loss; positives on the diagonal,
   or given by index into a larger key bank (a gallery of stored vectors as negatives).
 - :func:`cosine_loss`, :func:`mse_loss`: pull paired vectors together.
+- :func:`gaussian_nll`: heteroscedastic regression (FastFill's uncertainty head, :mod:`xbt.uncertainty`).
 - :func:`add_noise`: Gaussian noise on normalised embeddings, renormalised, so that a
   projection trained on text transfers to images across the modality gap.
 - :class:`Temperature`: fixed or learnable softmax temperature.
@@ -82,6 +83,12 @@ def cosine_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 def mse_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared distance of paired vectors, summed over dimensions."""
     return (predictions - targets).pow(2).sum(dim=-1).mean()
+
+
+def gaussian_nll(mean: torch.Tensor, log_variance: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over items of the isotropic Gaussian NLL of ``target`` under ``(mean, exp(log_variance))``, per dim."""
+    squared = (target - mean).pow(2).sum(-1)
+    return 0.5 * (squared * torch.exp(-log_variance) / target.shape[-1] + log_variance).mean()
 
 
 def add_noise(embeddings: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -209,3 +216,11 @@ register(PAIR_TERMS, LossTerm(
     "symmetric InfoNCE between the full normalised vectors (old dims + extra dims) of new image and new text",
     needs=frozenset({"extra_dims"}), uses_temperature=True,
     default=lambda provided: 1.0 if "extra_dims" in provided else 0.0))
+# FastFill: a side head on the stored old image vectors learns how unsure it is of the adapter's vector of each item
+# (xbt.uncertainty); the target is detached, so it never changes the adapter. On whenever stored vectors exist: the
+# `uncertainty` backfill ordering reads it.
+register(PAIR_TERMS, LossTerm(
+    "uncertainty", lambda x, scale: gaussian_nll(*x.uncertainty, x.image.detach()),
+    "Gaussian NLL of the (detached) ψ(new image) under the uncertainty head's prediction from the stored old image "
+    "vector (FastFill; trains only the head, which orders backfilling)",
+    needs=frozenset({"old_images"}), default=lambda provided: 1.0 if "old_images" in provided else 0.0))

@@ -23,6 +23,7 @@ out exactly like a Hub repo)::
 
     xbt_config.json             models (references, fingerprints, dims), space ids, LoRA config, training summary
     projection/                 ψ exactly as stage 1 saves it (config.json + model.safetensors)
+    uncertainty/                FastFill's backfill-ordering head, when stage 2 trained one (xbt.uncertainty)
     adapter_config.json         peft LoRA config        } at the root: peft's offline loader
     adapter_model.safetensors   peft LoRA weights       } mishandles subfolders
     README.md                   model card
@@ -54,6 +55,7 @@ from .images import ImageLike
 from .io import atomic_write_json
 from .projection import Projection
 from .spaces import Encoder, check_same_space, full_space_id
+from .uncertainty import UNCERTAINTY_DIR, UncertaintyHead, load_head
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,7 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         self.merged = False
         self._unmerged_id: str | None = None  # the identity before merge(): the full space stays this adapter's
         self._old_encoder: Encoder | None = None
+        self._uncertainty_head: UncertaintyHead | None = None
         lora.inject(backbone.model, self.adapter, self.target_modules, str(backbone.reference))
         logger.info("LoRA r=%d on %s: %d trainable backbone parameters", self.adapter.lora_rank,
                     self.adapter.target_modules or "+".join(self.adapter.lora_towers) + "/"
@@ -343,6 +346,18 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
             raise InputError(f"The old encoder {encoder.model_id} has dimension {encoder.dim}, ψ outputs {self.dim}.")
         object.__setattr__(self, "_old_encoder", encoder)  # a helper, not a submodule: never saved or trained
 
+    @property
+    def uncertainty_head(self) -> UncertaintyHead | None:
+        """FastFill's head trained in stage 2 (:mod:`xbt.uncertainty`): orders backfilling; None if not trained."""
+        return self._uncertainty_head
+
+    def attach_uncertainty_head(self, head: UncertaintyHead | None) -> None:
+        """Keep ``head`` with this adapter (saved as ``uncertainty/``); it reads vectors of the adapter's target
+        space and is not part of the encoder (never in its identity, never trained through it)."""
+        if head is not None:
+            head.check_space(self.space_id, "The adapter's target space")
+        object.__setattr__(self, "_uncertainty_head", head)
+
     # -- saving and loading (huggingface_hub's ModelHubMixin) ------------------------------
     def config_dict(self) -> dict[str, Any]:
         """Everything but the weights and ψ (``xbt_config.json``)."""
@@ -374,6 +389,8 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
 
         lora.save(self.backbone.model, save_directory)
         self.projection.save_pretrained(save_directory / PROJECTION_DIR)
+        if self.uncertainty_head is not None:
+            self.uncertainty_head.save_pretrained(save_directory / UNCERTAINTY_DIR)
         atomic_write_json(save_directory / CONFIG_FILE, self.config_dict())
         write_model_card(save_directory)  # before the mixin would write its generic card
         logger.info("Saved XBT adapter to %s", save_directory)
@@ -456,6 +473,8 @@ class XBTModel(nn.Module, ModelHubMixin, library_name="xbt",
         model = cls(backbone, projection, adapter, old_reference=old["reference"], old_model_id=old["fingerprint"],
                     training=config.get("training"), query_blending=config.get("query_blending"))
         lora.load(backbone.model, folder)
+        if (folder / UNCERTAINTY_DIR).is_dir():
+            model.attach_uncertainty_head(load_head(folder))
         if model.model_id != config["model_id"]:
             raise ModelLoadError(f"The weights in {folder} have identity {model.model_id}, but {CONFIG_FILE} records "
                                  f"{config['model_id']}: the adapter directory is inconsistent.")

@@ -7,7 +7,8 @@ Writes ``order.txt`` (the gallery's ids, the first to re-embed first) and ``plan
 the ordering, the gallery's count and space id, the embedding rate and the hours the whole
 backfill takes at it, and, from an ``xbt eval`` output, the predicted backfill curves of
 this ordering (Recall@K against the fraction re-embedded, with the adapter and with the new
-model). The orderings read only the stored vectors (no model runs here); see
+model). The orderings read only the stored vectors (no model runs here; ``uncertainty``
+also the adapter's small FastFill head, ``--adapter``); see
 :mod:`xbt.backfill`. Over a very large gallery the neighbour graph of ``hubness`` and
 ``density`` is best searched with an approximate index (``--index_factory``).
 """
@@ -36,7 +37,11 @@ class PlanConfig:
                                            "or faiss index"})
     output_dir: str = field(metadata={"help": "folder for order.txt and plan.json"})
     ordering: str = field(default="hubness", metadata={
-        "help": "re-embedding order: random, hubness (k-occurrence in the old space) or density"})
+        "help": "re-embedding order: random, hubness (k-occurrence in the old space), density, or uncertainty "
+                "(FastFill: the adapter's uncertainty head, largest σ first; needs --adapter)"})
+    adapter: str | None = field(default=None, metadata={
+        "help": "the adapter folder whose uncertainty head orders the gallery (--ordering uncertainty); only the "
+                "small head is loaded"})
     gallery_ids: str | None = field(default=None, metadata={
         "help": "ids of the gallery rows, one per line (default: the ids stored with it, else row numbers)"})
     seed: int = field(default=0, metadata={"help": "seed of the random ordering"})
@@ -61,6 +66,9 @@ class PlanConfig:
             raise InputError(f"--neighbours must be at least 1, got {self.neighbours}.")
         if self.items_per_second is not None and self.items_per_second <= 0:
             raise InputError(f"--items_per_second must be positive, got {self.items_per_second}.")
+        if (self.ordering == "uncertainty") != (self.adapter is not None):
+            raise InputError("--ordering uncertainty reads the adapter's uncertainty head: give --adapter DIR with "
+                             "it (and only with it).")
         if self.items_per_second is not None and self.embed_manifest is not None:
             raise InputError("Give --items_per_second or --embed_manifest, not both.")
 
@@ -105,12 +113,19 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     rate = measured_rate(config.embed_manifest) if config.embed_manifest else config.items_per_second
     curves = predicted_curves(config.eval_dir, config.ordering) if config.eval_dir else None
     gallery = load_embeddings(config.gallery, config.gallery_ids)
+    head = None
+    if config.adapter is not None:
+        from .uncertainty import load_head
+
+        head = load_head(config.adapter)
+        head.check_space(gallery.space_id)
     order = order_items(config.ordering, np.asarray(gallery.vectors), config.seed, k=config.neighbours,
-                        config=SearchConfig(index_factory=config.index_factory))
+                        config=SearchConfig(index_factory=config.index_factory), head=head)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / ORDER_FILE, "\n".join(str(label) for label in np.asarray(gallery.labels)[order]) + "\n")
     result = {"ordering": config.ordering, "seed": config.seed, "neighbours": config.neighbours,
+              "adapter": config.adapter,
               "gallery": str(config.gallery), "count": len(gallery), "space_id": gallery.space_id,
               "items_per_second": rate, "hours": None if rate is None else len(gallery) / rate / 3600.0,
               "predicted": curves}

@@ -172,7 +172,8 @@ def _replaceable_rows(gallery: Labeled, items: Labeled) -> np.ndarray | None:
     return first[position] if np.array_equal(unique[position], items.labels) else None
 
 
-def _backfill_curves(plan: list[PlannedCell], pools: dict, config: EvalConfig, reembed_role: str) -> dict[str, dict]:
+def _backfill_curves(plan: list[PlannedCell], pools: dict, config: EvalConfig, reembed_role: str,
+                     heads: dict[str, Any]) -> dict[str, dict]:
     """Per direction, the backfill curves (one per ordering) from the first compatibility cell ``adapter→old``
     (p = 0) to the self cell of the re-embedding space whose role is ``reembed_role`` (p = 1): the adapter
     itself (``REINDEXED``: one index, score merge) or the new model (``UPPER_BOUND``: two indexes, rank merge)."""
@@ -200,7 +201,8 @@ def _backfill_curves(plan: list[PlannedCell], pools: dict, config: EvalConfig, r
             "query": cell.query, "gallery": cell.gallery, "reembedded_by": target, "seed": config.seed,
             "orderings": curves_by_ordering(queries[cell.query], galleries[cell.gallery], galleries[target], rows,
                                             config.orderings, config.seed, config.fractions, config.ks, config.search,
-                                            reembedded_queries=queries[target] if cross else None)}
+                                            reembedded_queries=queries[target] if cross else None,
+                                            head=heads.get(cell.query))}
     return curves
 
 
@@ -254,6 +256,8 @@ def evaluate(
         cell.query_space_id, cell.gallery_space_id = planned.query_space_id, planned.gallery_space_id
         cells.append(cell)
     score_cells(cells)
+    heads = {space.name: space.encoder.uncertainty_head for space in spaces  # the uncertainty ordering's input
+             if getattr(space.encoder, "uncertainty_head", None) is not None}
 
     dataset: dict[str, Any] = eval_set.describe() if eval_set is not None else {}
     dataset["stored"] = {f"{name} ({kind})": {"items": len(v), "dim": v.dim, "space_id": v.space_id}
@@ -274,7 +278,7 @@ def evaluate(
                    "shard_rows": config.search.shard_rows, "gpu": uses_gpu(config.search)},
         "ks": list(config.ks),
         "cells": cells_to_json(cells),
-        "backfill": _backfill_curves(plan, pools, config, REINDEXED),
-        "backfill_new_model": _backfill_curves(plan, pools, config, UPPER_BOUND),
+        "backfill": _backfill_curves(plan, pools, config, REINDEXED, heads),
+        "backfill_new_model": _backfill_curves(plan, pools, config, UPPER_BOUND, heads),
         "examples": example_queries(plan, pools, eval_set),
     }

@@ -188,6 +188,10 @@ def train(task: nn.Module, config: TrainConfig, accelerator, total_steps: int, r
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None}
         save_checkpoint(accelerator, output, {**state.progress(), **extra}, config.save_total_limit)
 
+    # side parameters (trained on detached targets) are clipped on their own: they never rescale the main update
+    side = {id(p) for p in (task.side_parameters() if hasattr(task, "side_parameters") else [])}
+    clip_groups = [group for group in ([p for p in module.parameters() if id(p) not in side],
+                                       [p for p in module.parameters() if id(p) in side]) if group]
     module.train()
     batches = iter(task.batches(state.epoch, state.batch))
     bar = tqdm(total=total_steps, initial=state.step, desc=run_name, unit="step",
@@ -218,7 +222,8 @@ def train(task: nn.Module, config: TrainConfig, accelerator, total_steps: int, r
                 continue
             scaler.unscale_(optimizer)
             if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                for group in clip_groups:
+                    accelerator.clip_grad_norm_(group, config.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -21,6 +21,10 @@ Loss terms (:data:`xbt.losses.PAIR_TERMS`; weights by name with ``loss_weights``
 - ``full_new`` (BT²/OCA, a ψ with extra dims only; on by default there): symmetric InfoNCE
   between the full normalised ψ outputs (old dims + extra dims) of new image and new text,
   the new model's own objective, so the extra dims are trained to hold what the old space cannot.
+- ``uncertainty`` (with stored old image embeddings; on by default there): FastFill's side head
+  (:mod:`xbt.uncertainty`) learns from each stored old vector how unsure it is of the adapter's
+  vector of that item; it trains only the head (detached target, its own gradient clipping) and
+  is saved in the adapter as ``uncertainty/``, which the ``uncertainty`` backfill ordering reads.
 
 For large galleries ``bank_negatives`` draws that many stored rows per step (plus the
 batch's positives) instead of using all of them.
@@ -55,6 +59,7 @@ from ..losses import PAIR_TERMS, Temperature, resolve_weights, uses_temperature
 from ..adapter_config import AdapterConfig
 from ..model import XBTModel
 from ..projection import Projection
+from ..uncertainty import UncertaintyHead
 from . import engine
 from .config import PairStageConfig
 from .distributed import gather_rows
@@ -94,6 +99,7 @@ class PairInputs:
     caption_indices: torch.Tensor
     rows: torch.Tensor | slice  # bank rows used as keys this step
     bank_positives: torch.Tensor  # where each example's positive sits among ``rows``
+    uncertainty: tuple[torch.Tensor, torch.Tensor] | None = None  # the head's (mean, log σ²) of each example
 
     def old_caption(self) -> torch.Tensor:
         return self.targets.captions[self.targets.caption_rows(self.positions, self.caption_indices)]
@@ -130,9 +136,10 @@ class PairTask(nn.Module):
 
     def __init__(self, model: XBTModel, weights: dict[str, float], temperature: Temperature,
                  targets: OldSpaceTargets | None, config: PairStageConfig, *, position_of: dict[str, int] | None = None,
-                 loader=None, source=None, world_size: int = 1):
+                 loader=None, source=None, world_size: int = 1, uncertainty_head: UncertaintyHead | None = None):
         super().__init__()
         self.model, self.temperature, self.targets = model, temperature, targets
+        self.uncertainty_head = uncertainty_head  # FastFill's side head (the `uncertainty` term), or None
         self.loss_weights, self.config = weights, config
         # the data side (batches, quality counts); a task used only for its loss (benchmarks) has none
         self.position_of, self.loader, self.source, self.world_size = position_of or {}, loader, source, world_size
@@ -148,7 +155,12 @@ class PairTask(nn.Module):
         if self.config.train_projection:
             groups.append({"params": list(self.model.projection.parameters()),
                            "lr": self.config.projection_learning_rate or self.config.learning_rate})
-        return groups
+        return groups + [{"params": self.side_parameters(), "weight_decay": 0.0}]
+
+    def side_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained on detached targets only (the uncertainty head): the engine clips their gradient
+        on its own, so they cannot change the adapter's updates."""
+        return [] if self.uncertainty_head is None else list(self.uncertainty_head.parameters())
 
     def batches(self, epoch: int, start: int):
         from accelerate import skip_first_batches
@@ -175,8 +187,9 @@ class PairTask(nn.Module):
         rows, positives = bank_rows(count, positions, self.config.bank_negatives, self.config.seed, step)
         image, text, full_image, full_text = (_gathered(vectors) for vectors in (
             embedded.image, embedded.text, embedded.full_image, embedded.full_text))
+        uncertainty = None if self.uncertainty_head is None else self.uncertainty_head(self.targets.images[positions])
         inputs = PairInputs(image, text, full_image, full_text, self.targets, positions, caption_indices, rows,
-                            positives)
+                            positives, uncertainty)
         scale = self.temperature()
         return {name: PAIR_TERMS[name].compute(inputs, scale) for name, weight in self.loss_weights.items()
                 if weight > 0}
@@ -254,8 +267,13 @@ def train(config: PairStageConfig, data: PairSourceConfig, accelerator, adapter:
                                 process=accelerator).to(accelerator.device)
 
     temperature = Temperature(config.temperature, config.learn_temperature and uses_temperature(PAIR_TERMS, weights))
+    head = None
+    if weights["uncertainty"] > 0:
+        with torch.random.fork_rng(devices=[]):  # its initialisation leaves the run's random stream untouched
+            torch.manual_seed(config.seed)
+            head = UncertaintyHead(projection.old_dim, space_id=projection.target_space)
     task = PairTask(model, weights, temperature, targets, config, position_of=position_of, loader=loader,
-                    source=source, world_size=processes)
+                    source=source, world_size=processes, uncertainty_head=head)
     task.to(accelerator.device)
     logger.info("Stage 2: %s images, %d process(es), global batch %d, %d steps, loss weights %s", images, processes,
                 config.batch_size * config.gradient_accumulation_steps, config.max_steps,
@@ -281,6 +299,7 @@ def train(config: PairStageConfig, data: PairSourceConfig, accelerator, adapter:
 
             old = old_encoder or load_encoder(config.old_model, device=accelerator.device)
             model.query_blending = fit_query_blending(model.eval(), old, config.blend_support)
+        model.attach_uncertainty_head(head)
         model.save_pretrained(folder)
     accelerator.wait_for_everyone()
     return folder
