@@ -73,15 +73,18 @@ def evaluate(root: Path, pair, adapter: Path, name: str, cache: Path) -> dict:
     return found
 
 
-def stage2(root: Path, pair, projection: Path, source: Path, name: str, steps: int, seed: int, cache: Path,
+def stage2(root: Path, pair, projection: Path, source: Path, name: str, sizes: dict, seed: int, cache: Path,
            gallery: dict | None, weights: str = "", accelerator=None) -> Path:
+    """Stage 2 as the headline's (``sizes``: the preset's XBT_SIZES), on ``source`` from ``projection``."""
     folder = root / "stage2" / name
     adapter = folder / "adapter"
     if not (adapter / "xbt_config.json").is_file():
         options = dict(old_image_embeddings=str(gallery["embeddings"]), old_image_ids=str(gallery["ids"])) \
             if gallery else {}
         config = PairStageConfig(new_model=pair.new, old_model=pair.old, projection=str(projection),
-                                 output_dir=str(folder), max_steps=steps, seed=seed, loss_weights=weights, **options)
+                                 output_dir=str(folder), max_steps=sizes["stage2_steps"],
+                                 learning_rate=sizes["stage2_learning_rate"], seed=seed, loss_weights=weights,
+                                 **options)
         train_pair_stage(config, PairSourceConfig(source=str(source)), accelerator, None,
                          CacheConfig(cache_dir=str(cache)))
     return adapter
@@ -119,8 +122,7 @@ def one_seed(root: Path, preset_name: str, seed: int, fractions: list[float], ac
                   accelerator)
     result = {"headline": evaluate(root, pair, adapter, "headline", cache),
               "stage 1 only": evaluate(root, pair, stage1_only(root, pair), "stage1_only", cache)}
-    steps = sizes["stage2_steps"]
-    drift = stage2(root, pair, root / "xbt" / "stage1", pair.train, "no_old_term", steps, seed, cache, None,
+    drift = stage2(root, pair, root / "xbt" / "stage1", pair.train, "no_old_term", sizes, seed, cache, None,
                    "new_new=1,anchor=0", accelerator)
     result["no old-space term"] = evaluate(root, pair, drift, "no_old_term", cache)
     curve = {"with stage 1": {}, "without stage 1": {}}
@@ -137,7 +139,7 @@ def one_seed(root: Path, preset_name: str, seed: int, fractions: list[float], ac
         for label, projection in (("with stage 1", root / "xbt" / "stage1"),
                                   ("without stage 1", random_projection(root, seed))):
             name = f"{'with' if label == 'with stage 1' else 'without'}-{fraction:g}"
-            adapter = stage2(root, pair, projection, source, name, steps, seed, cache, part, "", accelerator)
+            adapter = stage2(root, pair, projection, source, name, sizes, seed, cache, part, "", accelerator)
             curve[label][fraction] = evaluate(root, pair, adapter, name, cache)
     result["data efficiency"] = curve
     return result

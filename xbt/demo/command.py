@@ -36,7 +36,9 @@ class DemoConfig:
     """What the demo generates and trains."""
 
     output: str = field(default="runs/demo", metadata={"help": "folder for data, models and results"})
-    domain: str = field(default="shapes", metadata={"help": "generated visual domain", "choices": sorted(DOMAINS)})
+    domain: str | None = field(default=None, metadata={
+        "help": "generated visual domain (default: the preset's, patterns for demo and shapes for fast)",
+        "choices": sorted(DOMAINS)})
     preset: str = field(default="demo", metadata={
         "help": "'demo': full size (a few minutes on 2 cores); 'fast': the test suite's (≈ 20–30 s)",
         "choices": PRESET_NAMES})

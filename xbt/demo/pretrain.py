@@ -278,6 +278,7 @@ class PairPreset:
 class PresetSizes:
     """The numbers that differ between presets."""
 
+    domain: str  # the generated visual domain (xbt.demo.scenes.DOMAINS) unless the caller names one
     train_images: int
     test_images: int
     corpus_captions: int
@@ -290,34 +291,49 @@ class PresetSizes:
     new_width: int
     new_layers: int
     new_steps: int
+    old_dim: int = 32
+    new_dim: int = 32
+    new_image_size: int = 32  # the new model reads its images at this size, in new_patch_size patches
+    new_patch_size: int = 8
 
 
-FAST = PresetSizes(train_images=2000, test_images=300, corpus_captions=5000, batch_size=64, learning_rate=2e-3,
-                   old_width=32, old_layers=1, old_steps=150, old_train_images=1000,
+FAST = PresetSizes(domain="shapes", train_images=2000, test_images=300, corpus_captions=5000, batch_size=64,
+                   learning_rate=2e-3, old_width=32, old_layers=1, old_steps=150, old_train_images=1000,
                    new_width=64, new_layers=2, new_steps=250)
 """The test suite's pair: about 15–30 s for data and both models on 2 CPU cores (1 thread, shared machine)."""
 
-DEMO = PresetSizes(train_images=20000, test_images=1000, corpus_captions=50000, batch_size=128, learning_rate=1e-3,
-                   old_width=64, old_layers=2, old_steps=150, old_train_images=4000,
-                   new_width=96, new_layers=3, new_steps=600)
-"""``xbt demo``: the sizes ENVIRONMENT.md found to give clearly different models (a few minutes on 2 cores)."""
+DEMO = PresetSizes(domain="patterns", train_images=20000, test_images=1000, corpus_captions=50000, batch_size=128,
+                   learning_rate=1e-3, old_width=64, old_layers=2, old_steps=500, old_train_images=20000,
+                   new_width=96, new_layers=3, new_steps=600, old_dim=32, new_dim=64, new_image_size=48,
+                   new_patch_size=12)
+"""``xbt demo``: an old model worth upgrading and a clearly better new one with another dimension and backend.
+
+Measured on the 1000 test images (R@1 text→image / image→text, one thread, 2-core machine):
+the patterns domain is learnt far faster than shapes, whose models confuse the shape kinds
+(new model, 600 steps: 37.7 / 34.2 on patterns against 19.0 / 22.2 on shapes); the new
+model reads the 48-px images in 12-px patches (shapes, 600 steps: 19.0 / 22.2 against
+16.0 / 20.7 for 32 px in 8-px patches); 2e-3 and no gradient clipping were worse for it."""
 
 
-def make_preset(sizes: PresetSizes, domain: str = "shapes", seed: int = 0,
+def make_preset(sizes: PresetSizes, domain: str | None = None, seed: int = 0,
                 backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
-    """Data and OLD/NEW recipes of ``sizes``; ``backends`` = (old, new), e.g. ``("hf", "open_clip")``."""
-    def recipe(backend: str, width: int, layers: int, steps: int, model_seed: int, images: int | None = None):
-        model = TinyClipConfig(width=width, layers=layers, heads=max(2, width // 32), context_length=20,
-                               seed=model_seed)
+    """Data and OLD/NEW recipes of ``sizes`` (on its domain unless ``domain`` is given); ``backends`` = (old, new),
+    e.g. ``("hf", "open_clip")``."""
+    def recipe(backend: str, width: int, layers: int, steps: int, model_seed: int, images: int | None = None, *,
+               dim: int, image_size: int = 32, patch_size: int = 8):
+        model = TinyClipConfig(embed_dim=dim, width=width, layers=layers, heads=max(2, width // 32),
+                               image_size=image_size, patch_size=patch_size, context_length=20, seed=model_seed)
         training = PretrainConfig(max_steps=steps, batch_size=sizes.batch_size, learning_rate=sizes.learning_rate,
                                   seed=model_seed)
         return ModelRecipe(backend, model, training, images)
 
     return PairPreset(
-        data=BenchmarkConfig(domain=domain, train_images=sizes.train_images, test_images=sizes.test_images,
-                             corpus_captions=sizes.corpus_captions, seed=seed),
-        old=recipe(backends[0], sizes.old_width, sizes.old_layers, sizes.old_steps, seed, sizes.old_train_images),
-        new=recipe(backends[1], sizes.new_width, sizes.new_layers, sizes.new_steps, seed + 1),
+        data=BenchmarkConfig(domain=domain or sizes.domain, train_images=sizes.train_images,
+                             test_images=sizes.test_images, corpus_captions=sizes.corpus_captions, seed=seed),
+        old=recipe(backends[0], sizes.old_width, sizes.old_layers, sizes.old_steps, seed, sizes.old_train_images,
+                   dim=sizes.old_dim),
+        new=recipe(backends[1], sizes.new_width, sizes.new_layers, sizes.new_steps, seed + 1, dim=sizes.new_dim,
+                   image_size=sizes.new_image_size, patch_size=sizes.new_patch_size),
     )
 
 
