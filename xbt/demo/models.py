@@ -21,14 +21,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class TinyClipConfig:
-    """Size of a tiny CLIP: both towers are transformers of ``width`` and ``layers`` (the text tower
-    ``text_layers`` deep when given: a small caption grammar needs less depth than the images)."""
+    """Size of a tiny CLIP: both towers are transformers of ``width`` and ``layers``."""
 
     embed_dim: int = 32
     width: int = 64
     layers: int = 2
     heads: int = 2
-    text_layers: int | None = None
     image_size: int = 32
     patch_size: int = 8
     context_length: int = 32
@@ -83,7 +81,7 @@ def build_open_clip(folder: str | Path, config: TinyClipConfig = TinyClipConfig(
         "vision_cfg": {"image_size": config.image_size, "layers": config.layers, "width": config.width,
                        "patch_size": config.patch_size, "head_width": config.width // config.heads},
         "text_cfg": {"context_length": config.context_length, "vocab_size": config.vocab_size,
-                     "width": config.width, "heads": config.heads, "layers": config.text_layers or config.layers},
+                     "width": config.width, "heads": config.heads, "layers": config.layers},
     }
     torch.manual_seed(config.seed)
     model = CLIP(**model_cfg)
@@ -102,7 +100,7 @@ def _tower_configs(config: TinyClipConfig) -> tuple[dict, dict]:
     its end-of-text token.
     """
     text = {"vocab_size": config.vocab_size, "hidden_size": config.width, "intermediate_size": 4 * config.width,
-            "num_hidden_layers": config.text_layers or config.layers, "num_attention_heads": config.heads,
+            "num_hidden_layers": config.layers, "num_attention_heads": config.heads,
             "max_position_embeddings": config.context_length,
             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
     vision = {"hidden_size": config.width, "intermediate_size": 4 * config.width,
