@@ -339,5 +339,5 @@ def test_a_pickled_projection_on_the_hub_is_refused(hub, tmp_path):
     Projection(6, 4, kind="linear").save_pretrained(folder)
     torch.save(Projection.from_pretrained(folder).state_dict(), folder / "pytorch_model.bin")
     result = _run(["-c", PICKLED_PROJECTION, str(folder)], _env(tmp_path / "hf_home", hub.endpoint))
-    assert result.returncode != 0 and "loads projections from model.safetensors only" in result.stderr
+    assert result.returncode != 0 and "xbt loads Projection weights from model.safetensors only" in result.stderr
     assert hub.state.tree("team/psi")["pytorch_model.bin"].lfs  # the pickle went the LFS way, as on the Hub

@@ -39,7 +39,7 @@ def test_orthogonal_map_is_an_isometry_with_extra_dims():
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "orthogonal"])
-def test_save_and_load_round_trip_through_safetensors(kind, tmp_path):
+def test_save_and_load_round_trip_through_safetensors(kind, tmp_path, capsys):
     psi = Projection(12, 10, kind=kind, source_space="hf-aaaa", target_space="open_clip-bbbb")
     with torch.no_grad():
         for parameter in psi.parameters():
@@ -51,6 +51,7 @@ def test_save_and_load_round_trip_through_safetensors(kind, tmp_path):
     x = torch.randn(6, 12)
     torch.testing.assert_close(loaded(x), psi(x))
     assert (loaded.kind, loaded.source_space, loaded.target_space) == (kind, "hf-aaaa", "open_clip-bbbb")
+    assert capsys.readouterr().out == ""  # a local load prints nothing into a command's output
 
 
 def test_refuses_other_models_and_wrong_dimensions():

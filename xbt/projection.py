@@ -39,12 +39,12 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils import parametrizations
 
 from .adapter_config import ProjectionConfig
-from .errors import InputError, ModelLoadError
+from .weights_mixin import SafeModelHubMixin
+from .errors import InputError
 from .spaces import check_same_space
 
 
@@ -74,7 +74,7 @@ KIND_BUILDERS = {"linear": _affine, "mlp": _affine_and_residual_mlp, "orthogonal
 :data:`xbt.adapter_config.PROJECTION_KINDS`. A new kind = a row there and a builder here."""
 
 
-class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt", "backward-compatible"]):
+class Projection(nn.Module, SafeModelHubMixin, library_name="xbt", tags=["xbt", "backward-compatible"]):
     """Map new-space embeddings ``(N, new_dim)`` to normalised old-space ones ``(N, old_dim)``."""
 
     def __init__(
@@ -133,10 +133,6 @@ class Projection(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt
         check_same_space(self.target_space, target, "The target model",
                          "This ψ maps into another old space; retrain it or use the old model it was made for.")
 
-    @classmethod
-    def _load_as_pickle(cls, model, model_file, map_location, strict):
-        # huggingface_hub falls back to torch.load when a repo has no model.safetensors: refuse instead.
-        raise ModelLoadError(f"{model_file} is a pickle; xbt loads projections from model.safetensors only.")
 
     @classmethod
     def from_linear_map(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **spaces) -> Projection:

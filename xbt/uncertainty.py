@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import InputError, ModelLoadError
+from .weights_mixin import SafeModelHubMixin
+from .errors import InputError
 from .spaces import check_same_space
 
 UNCERTAINTY_DIR = "uncertainty"
 
 
-class UncertaintyHead(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=["xbt", "backfill"]):
+class UncertaintyHead(nn.Module, SafeModelHubMixin, library_name="xbt", tags=["xbt", "backfill"]):
     """``(N, dim)`` stored old-space vectors -> (normalised predicted adapter vector, log σ²), one σ per item."""
 
     def __init__(self, dim: int, hidden_dim: int | None = None, space_id: str | None = None):
@@ -64,9 +64,6 @@ class UncertaintyHead(nn.Module, PyTorchModelHubMixin, library_name="xbt", tags=
                          "The uncertainty head was trained on stored vectors of another space; use the adapter "
                          "trained against this gallery.")
 
-    @classmethod
-    def _load_as_pickle(cls, model, model_file, map_location, strict):
-        raise ModelLoadError(f"{model_file} is a pickle; xbt loads the uncertainty head from model.safetensors only.")
 
 
 def load_head(adapter: str | Path) -> UncertaintyHead:
