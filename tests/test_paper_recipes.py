@@ -208,6 +208,11 @@ def test_eval_prints_published_column(tmp_path, capsys):
     assert {cell["name"]: cell["published"] for cell in metrics["cells"]} == {"old→old": {"1": 21.73},
                                                                               "xbt→old": {"1": 22.38}}
     assert metrics["published"]["protocol"] == "flickr30k" and metrics["published"]["same_models"] is False
+    markdown = (tmp_path / "eval" / "report.md").read_text()  # the report has the column too
+    assert "published R@1: SLERP re-report" in markdown
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in markdown.splitlines()
+            if line.startswith("| `")}
+    assert rows == {"`old→old`": "21.73", "`xbt→old`": "22.38"} and "| published R@1 |" in markdown
 
 
 # ----------------------------------------------------------------------------- bad input: one line each

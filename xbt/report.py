@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .evaluation.plan import DIRECTIONS, LOWER_BOUND, ROLES  # noqa: E402
+from .evaluation.published import describe as describe_published  # noqa: E402
 from .io import atomic_write_text  # noqa: E402
 from .retrieval import CellResult  # noqa: E402
 
@@ -95,6 +96,9 @@ def markdown(report: dict) -> str:
               "in its own space) recovered, (R − R(lower)) / (R(upper) − R(lower)).", ""]
     approximate = any("exact_recall" in cell for cell in report["cells"])
     fitted = _fitted(report)
+    published_k = str(report["published"]["k"]) if report.get("published") else None
+    if published_k:
+        lines += [describe_published(report), ""]
     for direction in DIRECTIONS:
         cells = [cell for cell in report["cells"] if cell["direction"] == direction]
         if not cells:
@@ -104,6 +108,8 @@ def markdown(report: dict) -> str:
             header += [f"exact R@{k}" for k in ks]
         if fitted:
             header.append("fit (s)")
+        if published_k:
+            header.append(f"published R@{published_k}")
         lines += [f"## {direction}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for cell in cells:
             compatible = cell["compatible"]
@@ -116,6 +122,8 @@ def markdown(report: dict) -> str:
                 row += [_fmt(exact.get(k)) for k in ks]
             if fitted:
                 row.append(_fmt(fitted.get(cell["query"], {}).get("fit_seconds"), 3))
+            if published_k:
+                row.append(_fmt(cell.get("published", {}).get(published_k), 2))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     lines += _fitted_markdown(report, fitted, ks)
