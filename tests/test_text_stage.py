@@ -102,6 +102,7 @@ def test_max_steps_stops_mid_epoch_and_still_validates(tmp_path, cache, accelera
 def test_bad_configurations_are_clear_errors(tmp_path, cache, accelerator):
     bad = [({"loss": "hinge"}, "loss: got 'hinge'; allowed: infonce, cosine, mse"),
            ({"init": "zeros"}, "init: got 'zeros'"),
+           ({"init": "mlp"}, "init: got 'mlp'; allowed: auto, random, procrustes, ridge, low_rank"),  # not linear
            ({"baselines": "procrustes,pca"}, r"baselines: unknown \['pca'\]"),
            ({"learning_rate": -1.0}, "learning_rate: got -1.0"),
            ({"max_steps": -1}, "max_steps: got -1"),

@@ -164,6 +164,8 @@ def with_diagonal_scaling(projection: Projection, new, old) -> Projection:
 BASELINES: dict[str, Callable[..., Projection]] = {
     "procrustes": fit_procrustes, "ridge": fit_ridge, "low_rank": fit_low_rank, "mlp": fit_mlp}
 DIAGONAL = "+diag"  # suffix of a baseline name: add the diagonal scaling
+LINEAR_BASELINES = ("procrustes", "ridge", "low_rank")
+"""The baselines that fit a single linear map: stage 1 can start ψ's linear part from one (``init``)."""
 
 
 def check_baseline_name(name: str) -> str:

@@ -107,7 +107,7 @@ class TextStageConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..baselines import BASELINES  # torch: only when a config is built, never for --help
+        from ..baselines import LINEAR_BASELINES  # torch: only when a config is built, never for --help
         from ..losses import TEXT_LOSSES
 
         if self.loss not in TEXT_LOSSES:
@@ -116,8 +116,9 @@ class TextStageConfig(TrainConfig):
             raise InputError(f"epochs: got {self.epochs!r}; allowed: an integer >= 1.")
         if self.noise_std < 0:
             raise InputError(f"noise_std: got {self.noise_std!r}; allowed: a number >= 0.")
-        if self.init not in ("auto", "random", *BASELINES):
-            raise InputError(f"init: got {self.init!r}; allowed: auto, random, {', '.join(BASELINES)}.")
+        if self.init not in ("auto", "random", *LINEAR_BASELINES):
+            raise InputError(f"init: got {self.init!r}; allowed: auto, random, {', '.join(LINEAR_BASELINES)} (a "
+                             f"linear fit: ψ's linear part starts from it).")
         unknown = [name for name in self.baseline_names if name not in BASELINES]
         if unknown:
             raise InputError(f"baselines: unknown {unknown}; allowed: {', '.join(BASELINES)} (or '' for none).")
