@@ -107,7 +107,7 @@ class TextStageConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..baselines import LINEAR_BASELINES  # torch: only when a config is built, never for --help
+        from ..baselines import BASELINES, LINEAR_BASELINES  # torch: only when a config is built, never for --help
         from ..losses import TEXT_LOSSES
 
         if self.loss not in TEXT_LOSSES:
