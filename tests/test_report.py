@@ -129,6 +129,7 @@ def test_the_model_card_lists_the_compatibility_cells_by_role(tmp_path):
     report = json.loads(json.dumps(_report()))
     for cell in report["cells"]:  # names that say nothing: v3 writes v1's space
         cell["name"] = cell["name"].replace("xbt", "v3").replace("old", "v1")
+    report["dataset"]["source"] = "image folder '/home/trainer/private/flickr/test'"  # the trainer's machine
     folder = tmp_path / "adapter"
     (folder / "eval").mkdir(parents=True)
     (folder / "eval" / "metrics.json").write_text(json.dumps(report))
@@ -140,6 +141,8 @@ def test_the_model_card_lists_the_compatibility_cells_by_role(tmp_path):
     expected = [f"R@{k} {c['name']}" for d in ("text→image", "image→text") for c in report["cells"]
                 if c["direction"] == d and c["role"] == "compatibility" for k in ("1", "5", "10")]
     assert listed == expected == ["R@1 v3→v1", "R@5 v3→v1", "R@10 v3→v1"] * 2
+    datasets = {result["dataset"]["name"] for result in meta["model-index"][0]["results"]}
+    assert datasets == {"image folder 'test'"}  # the local path is not published
 
 
 def test_fitted_baselines_get_a_fit_time_column_a_section_with_their_alpha_curves_and_a_plot(tmp_path):

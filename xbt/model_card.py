@@ -17,6 +17,7 @@ someone, and ``xbt push`` keeps it (see :mod:`xbt.hub`).
 from __future__ import annotations
 
 import json
+import re
 from importlib.resources import files
 from pathlib import Path
 from string import Template
@@ -56,6 +57,15 @@ def hub_repo_of(reference: str | None) -> str | None:
     return None
 
 
+# a filesystem path (absolute, ~ or ./ relative) with at least one folder: the trainer's machine, not the reader's
+_LOCAL_PATH = re.compile(r"(?<![\w./~-])(?:~|\.{1,2})?/(?:[^\s'\"/]+/)*([^\s'\"/]+)")
+
+
+def public_description(text: str) -> str:
+    """``text`` with every local path shortened to its last component (a Hub id like ``org/name`` is kept)."""
+    return _LOCAL_PATH.sub(r"\1", text)
+
+
 def eval_results(metrics: dict[str, Any]) -> list:
     """One ``EvalResult`` per Recall@K (percent, 2 decimals) of each compatibility cell of ``eval/metrics.json``."""
     from huggingface_hub import EvalResult
@@ -63,7 +73,7 @@ def eval_results(metrics: dict[str, Any]) -> list:
     dataset = metrics.get("dataset", {})
     return [
         EvalResult(task_type=_TASKS[direction], task_name=f"{direction} retrieval against the gallery of the old space",
-                   dataset_type="custom", dataset_name=str(dataset.get("source", "evaluation set")),
+                   dataset_type="custom", dataset_name=public_description(str(dataset.get("source", "evaluation set"))),
                    dataset_revision=str(dataset.get("fingerprint", "")),
                    metric_type=f"recall_at_{k}", metric_name=f"R@{k} {cell['name']}", metric_value=round(value, 2))
         for direction in DIRECTIONS
