@@ -344,8 +344,9 @@ def backfill_orderings(given: Sequence[str] | None, spaces) -> tuple[str, ...]:
     """The orderings to compare: ``given``, or the defaults plus ``uncertainty`` when an adapter has its head.
     An ordering whose input no space provides is refused before anything is encoded."""
     from .evaluation import EvalConfig
+    from .evaluation.plan import uncertainty_heads
 
-    heads = [space.name for space in spaces if getattr(space.encoder, "uncertainty_head", None) is not None]
+    heads = uncertainty_heads(spaces)
     if given is None:
         return EvalConfig.orderings + (("uncertainty",) if heads else ())
     if "uncertainty" in given and not heads:

@@ -43,9 +43,9 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from .adapter_config import ProjectionConfig
-from .weights_mixin import SafeModelHubMixin
 from .errors import InputError
 from .spaces import check_same_space
+from .weights_mixin import SafeModelHubMixin
 
 
 Parts = tuple[nn.Module, "nn.Module | None"]
@@ -132,7 +132,6 @@ class Projection(nn.Module, SafeModelHubMixin, library_name="xbt", tags=["xbt", 
                          "This ψ was trained for another new model; retrain it or load the model it was made for.")
         check_same_space(self.target_space, target, "The target model",
                          "This ψ maps into another old space; retrain it or use the old model it was made for.")
-
 
     @classmethod
     def from_linear_map(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **spaces) -> Projection:

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .weights_mixin import SafeModelHubMixin
 from .errors import InputError
 from .spaces import check_same_space
+from .weights_mixin import SafeModelHubMixin
 
 UNCERTAINTY_DIR = "uncertainty"
 

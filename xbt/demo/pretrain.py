@@ -320,10 +320,10 @@ def make_preset(sizes: PresetSizes, domain: str | None = None, seed: int = 0,
                 backends: tuple[str, str] = ("open_clip", "hf")) -> PairPreset:
     """Data and OLD/NEW recipes of ``sizes`` (on its domain unless ``domain`` is given); ``backends`` = (old, new),
     e.g. ``("hf", "open_clip")``."""
-    def recipe(backend: str, width: int, layers: int, steps: int, model_seed: int, images: int | None = None, *,
-               dim: int, image_size: int = 32, patch_size: int = 8):
-        model = TinyClipConfig(embed_dim=dim, width=width, layers=layers, heads=max(2, width // 32),
-                               image_size=image_size, patch_size=patch_size, context_length=20, seed=model_seed)
+    def recipe(backend: str, width: int, layers: int, steps: int, model_seed: int, images: int | None = None,
+               **shape):
+        model = TinyClipConfig(width=width, layers=layers, heads=max(2, width // 32), context_length=20,
+                               seed=model_seed, **shape)
         training = PretrainConfig(max_steps=steps, batch_size=sizes.batch_size, learning_rate=sizes.learning_rate,
                                   seed=model_seed)
         return ModelRecipe(backend, model, training, images)
@@ -332,8 +332,8 @@ def make_preset(sizes: PresetSizes, domain: str | None = None, seed: int = 0,
         data=BenchmarkConfig(domain=domain or sizes.domain, train_images=sizes.train_images,
                              test_images=sizes.test_images, corpus_captions=sizes.corpus_captions, seed=seed),
         old=recipe(backends[0], sizes.old_width, sizes.old_layers, sizes.old_steps, seed, sizes.old_train_images,
-                   dim=sizes.old_dim),
-        new=recipe(backends[1], sizes.new_width, sizes.new_layers, sizes.new_steps, seed + 1, dim=sizes.new_dim,
+                   embed_dim=sizes.old_dim),
+        new=recipe(backends[1], sizes.new_width, sizes.new_layers, sizes.new_steps, seed + 1, embed_dim=sizes.new_dim,
                    image_size=sizes.new_image_size, patch_size=sizes.new_patch_size),
     )
 

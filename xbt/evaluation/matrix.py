@@ -36,6 +36,7 @@ from .plan import (
     Space,
     plan_cells,
     score_cells,
+    uncertainty_heads,
 )
 
 logger = logging.getLogger(__name__)
@@ -256,8 +257,7 @@ def evaluate(
         cell.query_space_id, cell.gallery_space_id = planned.query_space_id, planned.gallery_space_id
         cells.append(cell)
     score_cells(cells)
-    heads = {space.name: space.encoder.uncertainty_head for space in spaces  # the uncertainty ordering's input
-             if getattr(space.encoder, "uncertainty_head", None) is not None}
+    heads = uncertainty_heads(spaces)
 
     dataset: dict[str, Any] = eval_set.describe() if eval_set is not None else {}
     dataset["stored"] = {f"{name} ({kind})": {"items": len(v), "dim": v.dim, "space_id": v.space_id}

@@ -136,6 +136,13 @@ class Space:
                 "modalities": list(self.modalities), **self.info}
 
 
+def uncertainty_heads(spaces: Sequence[Space]) -> dict[str, Any]:
+    """The uncertainty heads (FastFill, :mod:`xbt.uncertainty`) of the spaces' encoders that carry one, by space
+    name: the input of the ``uncertainty`` backfill ordering."""
+    return {space.name: space.encoder.uncertainty_head for space in spaces
+            if getattr(space.encoder, "uncertainty_head", None) is not None}
+
+
 @dataclass(frozen=True)
 class PlannedCell:
     """A cell ``query→gallery`` in one direction, with its role and both space ids."""
