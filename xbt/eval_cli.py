@@ -98,7 +98,8 @@ class EvalArguments(SplitRows):
                 "field of a struct column, e.g. sentences.raw"})
     reference_numbers: str | None = field(default=None, metadata={
         "help": "print published numbers beside the run's (and add them to metrics.json): a PROTOCOL of "
-                "configs/paper/reference_numbers.yaml, e.g. flickr30k, or FILE.yaml:PROTOCOL"})
+                "the reference_numbers.yaml shipped with xbt (xbt/evaluation/), e.g. flickr30k, or "
+                "FILE.yaml:PROTOCOL"})
     galleries: list[str] = field(default_factory=list, metadata={
         "help": "stored galleries as SPACE=FILE (an xbt embed folder, .npy, .safetensors, .faiss/.index), e.g. "
                 "old=prod/gallery.faiss; "

@@ -1,6 +1,6 @@
 """Published reference numbers shown beside a run's own (``xbt eval --reference_numbers PROTOCOL``).
 
-A file of protocols (``configs/paper/reference_numbers.yaml`` by default) maps each name to
+A file of protocols (``reference_numbers.yaml`` beside this module, package data) maps each name to
 where the numbers were published, the models and evaluation set they were measured with,
 the K they are Recall@K for, and the numbers by cell name and direction::
 
@@ -27,8 +27,8 @@ from typing import Any
 from ..errors import InputError
 from .plan import DIRECTIONS
 
-# The repository's own file (an editable install or a checkout); other files are named as FILE:PROTOCOL.
-DEFAULT_FILE = Path(__file__).resolve().parents[2] / "configs" / "paper" / "reference_numbers.yaml"
+# Shipped with the package (any install, not only a checkout); other files are named as FILE:PROTOCOL.
+DEFAULT_FILE = Path(__file__).with_name("reference_numbers.yaml")
 FIELDS = ("source", "eval_set", "old_model", "new_model", "k", "recall")
 
 
