@@ -29,15 +29,14 @@ import numpy as np
 
 from xbt import eval_cli
 from xbt.backbones import load_backbone
-from xbt.data.config import CacheConfig, PairSourceConfig
+from xbt.data.config import CacheConfig
 from xbt.demo.pretrain import make_preset, train_pair
-from xbt.demo.run import PRESETS, XBT_SIZES, embed_gallery, write_fit_config
+from xbt.demo.run import PRESETS, XBT_RECIPES, embed_gallery, write_fit_config
 from xbt.demo.scenes import METADATA
 from xbt.model import XBTModel
 from xbt.projection import Projection
 from xbt.train import engine
-from xbt.train.config import PairStageConfig
-from xbt.train.fit import fit
+from xbt.train.fit import fit, parse_section, section_types
 from xbt.train.pair_stage import train as train_pair_stage
 
 DIRECTIONS = ("text→image", "image→text")
@@ -57,7 +56,8 @@ def subset(train: Path, fraction: float, folder: Path) -> Path:
 
 
 def evaluate(root: Path, pair, adapter: Path, name: str, cache: Path) -> dict:
-    """R@1 and gap recovered of ``adapter`` against the old gallery, both directions (cached in root/name)."""
+    """R@1 and gap recovered of ``adapter`` against the old gallery, and R@K of every cell, both directions (cached
+    in root/name)."""
     output = root / "eval" / name
     if not (output / "metrics.json").is_file():
         eval_cli.main(["--old_model", pair.old, "--new_model", pair.new, "--adapter", str(adapter),
@@ -69,24 +69,24 @@ def evaluate(root: Path, pair, adapter: Path, name: str, cache: Path) -> dict:
         by_name = {c["name"]: c for c in cells if c["direction"] == direction}
         found[direction] = {"old→old": by_name["old→old"]["recall"]["1"], "xbt→old": by_name["xbt→old"]["recall"]["1"],
                             "new→new": by_name["new→new"]["recall"]["1"],
-                            "gap": by_name["xbt→old"]["gap_recovered"]["1"]}
+                            "gap": by_name["xbt→old"]["gap_recovered"]["1"],
+                            "recall": {name: cell["recall"] for name, cell in by_name.items()}}
     return found
 
 
-def stage2(root: Path, pair, projection: Path, source: Path, name: str, sizes: dict, seed: int, cache: Path,
+def stage2(root: Path, pair, projection: Path, source: Path, name: str, recipe: dict, seed: int, cache: Path,
            gallery: dict | None, weights: str = "", accelerator=None) -> Path:
-    """Stage 2 as the headline's (``sizes``: the preset's XBT_SIZES), on ``source`` from ``projection``."""
+    """Stage 2 as the headline's (``recipe``: the preset's XBT_RECIPES), on ``source`` from ``projection``."""
     folder = root / "stage2" / name
     adapter = folder / "adapter"
     if not (adapter / "xbt_config.json").is_file():
         options = dict(old_image_embeddings=str(gallery["embeddings"]), old_image_ids=str(gallery["ids"])) \
             if gallery else {}
-        config = PairStageConfig(new_model=pair.new, old_model=pair.old, projection=str(projection),
-                                 output_dir=str(folder), max_steps=sizes["stage2_steps"],
-                                 learning_rate=sizes["stage2_learning_rate"], seed=seed, loss_weights=weights,
-                                 **options)
-        train_pair_stage(config, PairSourceConfig(source=str(source)), accelerator, None,
-                         CacheConfig(cache_dir=str(cache)))
+        config, data, lora = parse_section(
+            "stage2", section_types()["stage2"],
+            {**recipe["stage2"], "source": str(source), "seed": seed, "loss_weights": weights, **options},
+            {"new_model": pair.new, "old_model": pair.old, "projection": str(projection), "output_dir": str(folder)})
+        train_pair_stage(config, data, accelerator, lora, CacheConfig(cache_dir=str(cache)))
     return adapter
 
 
@@ -116,13 +116,14 @@ def one_seed(root: Path, preset_name: str, seed: int, fractions: list[float], ac
     pair = train_pair(root, preset, accelerator)
     cache = root / "cache"
     gallery = embed_gallery(root / "gallery", pair.old, load_backbone(pair.old).fingerprint, pair.train)
-    sizes = XBT_SIZES[preset_name]
+    recipe = XBT_RECIPES[preset_name]
     adapter = fit(write_fit_config(root, {"old": pair.old, "new": pair.new},
-                                   {"train": pair.train, "test": pair.test, "corpus": pair.corpus}, gallery, sizes, seed),
+                                   {"train": pair.train, "test": pair.test, "corpus": pair.corpus}, gallery, recipe,
+                                   seed),
                   accelerator)
     result = {"headline": evaluate(root, pair, adapter, "headline", cache),
               "stage 1 only": evaluate(root, pair, stage1_only(root, pair), "stage1_only", cache)}
-    drift = stage2(root, pair, root / "xbt" / "stage1", pair.train, "no_old_term", sizes, seed, cache, None,
+    drift = stage2(root, pair, root / "xbt" / "stage1", pair.train, "no_old_term", recipe, seed, cache, None,
                    "new_new=1,anchor=0", accelerator)
     result["no old-space term"] = evaluate(root, pair, drift, "no_old_term", cache)
     curve = {"with stage 1": {}, "without stage 1": {}}
@@ -139,7 +140,7 @@ def one_seed(root: Path, preset_name: str, seed: int, fractions: list[float], ac
         for label, projection in (("with stage 1", root / "xbt" / "stage1"),
                                   ("without stage 1", random_projection(root, seed))):
             name = f"{'with' if label == 'with stage 1' else 'without'}-{fraction:g}"
-            adapter = stage2(root, pair, projection, source, name, sizes, seed, cache, part, "", accelerator)
+            adapter = stage2(root, pair, projection, source, name, recipe, seed, cache, part, "", accelerator)
             curve[label][fraction] = evaluate(root, pair, adapter, name, cache)
     result["data efficiency"] = curve
     return result

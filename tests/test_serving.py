@@ -56,7 +56,7 @@ def item_folder(folder: Path, rows: list[dict], first_id: int) -> Path:
 @pytest.fixture(scope="module")
 def served(trained_pair, tmp_path_factory):
     """The adapter, the model references and the item folders (old, new, all)."""
-    from xbt.demo.run import XBT_SIZES, embed_gallery, write_fit_config
+    from xbt.demo.run import XBT_RECIPES, embed_gallery, write_fit_config
     from xbt.train.fit import fit
 
     root = tmp_path_factory.mktemp("serving")
@@ -64,7 +64,7 @@ def served(trained_pair, tmp_path_factory):
                             trained_pair.train)
     config = write_fit_config(root / "fit", {"old": trained_pair.old, "new": trained_pair.new},
                               {"train": trained_pair.train, "corpus": trained_pair.corpus}, gallery,
-                              XBT_SIZES["fast"], seed=0)
+                              XBT_RECIPES["fast"], seed=0)
     adapter = fit(config)
     rows = [json.loads(line) for line in (trained_pair.test / "metadata.jsonl").read_text().splitlines() if line]
     for row in rows:
