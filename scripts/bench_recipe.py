@@ -11,7 +11,7 @@ trains nothing twice).
 
 Writes ``recipe.json`` (every R@K) and ``recipe.md``: per variant and direction, xbt→old
 R@1/5/10 and the gap recovered at R@1 (mean ± sd over seeds), its paired difference from the
-default at R@1, and at how many (seed, K) it beats old→old; and the re-indexed cell (the gallery
+base at R@1, and at how many (seed, K) it beats old→old; and the re-indexed cell (the gallery
 re-embedded with the adapter: its full space for a ψ with extra dims, BT²/OCA).
 """
 
@@ -33,10 +33,10 @@ from xbt.train.fit import fit
 
 PRESET = "demo"
 # The demo recipe the sweep started from (XBT_RECIPES["demo"] before it); each variant changes a few of its options.
-# Its winner, "lr 2e-3 + LoRA rank 32, 1600 steps", is now XBT_RECIPES["demo"].
+# Its winner, "lr 2e-3 + LoRA rank 32, 1600 steps, ψ orthogonal", is now XBT_RECIPES["demo"].
 BASE = {"stage1": {"epochs": 4}, "stage2": {"max_steps": 800, "learning_rate": 1e-3}}
 VARIANTS: dict[str, dict[str, dict]] = {
-    "default": {},
+    "base": {},
     "stage 2 lr 2e-3": {"stage2": {"learning_rate": 2e-3}},
     "stage 2 1600 steps": {"stage2": {"max_steps": 1600}},
     "LoRA rank 32": {"stage2": {"lora_rank": 32, "lora_alpha": 64.0}},
@@ -52,6 +52,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "lr 2e-3 + LoRA rank 32, 1600 steps": {"stage2": {"learning_rate": 2e-3, "lora_rank": 32, "lora_alpha": 64.0,
                                                        "max_steps": 1600}},
     "ψ linear": {"stage1": {"kind": "linear"}},
+    "lr 2e-3 + LoRA rank 32, 1600 steps, ψ orthogonal": {"stage1": {"kind": "orthogonal"},
+                                                          "stage2": {"learning_rate": 2e-3, "lora_rank": 32,
+                                                                     "lora_alpha": 64.0, "max_steps": 1600}},
     "ψ orthogonal, k=0": {"stage1": {"kind": "orthogonal"}},
     "ψ orthogonal, k=32 (BT²/OCA)": {"stage1": {"kind": "orthogonal", "extra_dims": 32}},
 }
@@ -61,11 +64,13 @@ KS = ("1", "5", "10")
 
 
 def variant_folder(root: Path, name: str) -> Path:
-    return root / "recipe" / name.replace(" ", "_")
+    return root / "recipe" / name.replace(" ", "_").replace("/", "-")
 
 
 def run_variant(root: Path, pair, gallery: dict, seed: int, name: str, accelerator) -> dict:
     folder = variant_folder(root, name)
+    if (folder / "eval" / "eval" / "metrics.json").is_file():  # evaluated already: nothing to load
+        return evaluate(folder, pair, None, "eval", None)
     recipe = {section: {**BASE[section], **VARIANTS[name].get(section, {})} for section in BASE}
     config = write_fit_config(folder, {"old": pair.old, "new": pair.new},
                               {"train": pair.train, "test": pair.test, "corpus": pair.corpus}, gallery, recipe, seed)
@@ -84,30 +89,30 @@ def finished(root: Path, names: list[str]) -> dict:
             if (variant_folder(root, name) / "eval" / "eval" / "metrics.json").is_file()}
 
 
-def _stats(values: list[float]) -> str:
-    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.1f}"
+def _stats(values: list[float], digits: int = 1) -> str:
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.{digits}f}"
 
 
 def summarise(results: dict[int, dict], names: list[str]) -> str:
-    seeds = sorted(s for s in results if "default" in results[s])
+    seeds = sorted(s for s in results if "base" in results[s])
     names = [name for name in names if any(name in results[s] for s in seeds)]
     lines = [f"Seeds {seeds}; mean ± sd over the seeds a variant ran on (n). Δ R@1: paired difference from "
-             "`default` (same seed). Beats old→old: (seed, K) cells where xbt→old > old→old, of all.", ""]
+             "`base` (same seed). Beats old→old: (seed, K) cells where xbt→old > old→old, of all.", ""]
     for direction in DIRECTIONS:
-        old = [results[s]["default"][direction]["recall"]["old→old"]["1"] for s in seeds]
-        new = [results[s]["default"][direction]["recall"]["new→new"]["1"] for s in seeds]
+        old = [results[s]["base"][direction]["recall"]["old→old"]["1"] for s in seeds]
+        new = [results[s]["base"][direction]["recall"]["new→new"]["1"] for s in seeds]
         lines += [f"### {direction} (old→old R@1 {_stats(old)}, new→new R@1 {_stats(new)})", "",
-                  "| variant | n | R@1 | R@5 | R@10 | gap recovered @1 | Δ R@1 vs default | beats old→old |",
+                  "| variant | n | R@1 | R@5 | R@10 | gap recovered @1 | Δ R@1 vs base | beats old→old |",
                   "|---|---|---|---|---|---|---|---|"]
         for name in names:
             ran = [s for s in seeds if name in results[s]]
             cells = [results[s][name][direction] for s in ran]
             recall = [c["recall"]["xbt→old"] for c in cells]
-            delta = [c["xbt→old"] - results[s]["default"][direction]["xbt→old"] for c, s in zip(cells, ran)]
+            delta = [c["xbt→old"] - results[s]["base"][direction]["xbt→old"] for c, s in zip(cells, ran)]
             beats = sum(c["recall"]["xbt→old"][k] > c["recall"]["old→old"][k] for c in cells for k in KS)
             lines.append(f"| {name} | {len(ran)} | " + " | ".join(_stats([r[k] for r in recall]) for k in KS)
-                         + f" | {np.mean([c['gap'] for c in cells]):.2f} ± {np.std([c['gap'] for c in cells]):.2f}"
-                         + f" | {'–' if name == 'default' else _stats(delta)} | {beats}/{len(cells) * len(KS)} |")
+                         + f" | {_stats([c['gap'] for c in cells], 2)}"
+                         + f" | {'–' if name == 'base' else _stats(delta)} | {beats}/{len(cells) * len(KS)} |")
         lines.append("")
     lines += ["### Re-indexed: the gallery re-embedded with the adapter itself (R@1 / R@10)", "",
               "| variant | cell | " + " | ".join(f"{d} R@1 | {d} R@10" for d in DIRECTIONS) + " |",
@@ -129,7 +134,7 @@ def main() -> None:
     parser.add_argument("--report_only", action="store_true",
                         help="train nothing: summarise the (seed, variant) runs already evaluated")
     args = parser.parse_args()
-    names = ["default", *(name for name in args.variants if name != "default")]
+    names = ["base", *(name for name in args.variants if name != "base")]
     logging.basicConfig(level=logging.WARNING)
     output = Path(args.output)
     if args.report_only:
@@ -137,8 +142,8 @@ def main() -> None:
     else:
         accelerator = engine.make_accelerator(cpu=True)
         results = {seed: one_seed(output / f"seed{seed}", seed, names, accelerator) for seed in args.seeds}
-    (output / "recipe.json").write_text(json.dumps({"preset": PRESET, "base": BASE, "variants": VARIANTS, "results": results},
-                                                   indent=2, ensure_ascii=False))
+    record = {"preset": PRESET, "base": BASE, "variants": VARIANTS, "results": results}
+    (output / "recipe.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
     (output / "recipe.md").write_text(summarise(results, names))
     print((output / "recipe.md").read_text())
 
