@@ -26,11 +26,12 @@ from .scenes import read_split, write_benchmark
 logger = logging.getLogger(__name__)
 
 PRESETS = dict(zip(PRESET_NAMES, (DEMO, FAST), strict=True))
-# The XBT recipe per preset: `xbt fit` options of its two stages (stage 2 sees all training pairs). Demo: measured
-# over 3 seeds with scripts/bench_recipe.py (README, "What lifts the adapter"): stage 2 was under-trained at 800 steps,
-# lr 1e-3, LoRA rank 8; 1600 steps at lr 2e-3 with rank 32 lifts every cell (image→text gap recovered 0.32 → ≥ 0.85 on
-# every seed) for about a minute more; loss weights and the temperature changed nothing beyond seed spread. The
-# orthogonal ψ, which `xbt export` folds into a plain checkpoint, was as good as the mlp one (+0.8 / +1.8 R@1, within spread).
+# The XBT recipe per preset: `xbt fit` options of its two stages (stage 2 sees all training pairs). Demo:
+# measured over 3 seeds with scripts/bench_recipe.py (README, "What lifts the adapter"): stage 2 was under-trained
+# at 800 steps, lr 1e-3, LoRA rank 8; 1600 steps at lr 2e-3 with rank 32 lifts every cell (image→text gap
+# recovered 0.32 → ≥ 0.85 on every seed) for about a minute more; loss weights and the temperature changed nothing
+# beyond seed spread. The orthogonal ψ, which `xbt export` folds into a plain checkpoint, was as good as the mlp one
+# (+0.8 / +1.8 R@1, within spread).
 XBT_RECIPES = {"demo": {"stage1": {"epochs": 4, "kind": "orthogonal"},
                         "stage2": {"max_steps": 1600, "learning_rate": 2e-3, "lora_rank": 32, "lora_alpha": 64.0}},
                "fast": {"stage1": {"epochs": 2}, "stage2": {"max_steps": 60, "learning_rate": 5e-4}}}
