@@ -4,8 +4,7 @@
 
 Each variant is the demo's `xbt fit` config (stage 1 + gallery-aware stage 2, all training pairs)
 as it was before this sweep (:data:`BASE`) with a few options changed (:data:`VARIANTS`); each
-runs in its own run folder and is
-evaluated with `xbt eval` on the test split. The seed's pair, data and stored gallery are
+runs in its own run folder and is evaluated with `xbt eval` on the test split. The seed's pair, data and stored gallery are
 those of ``scripts/bench_evidence.py`` (the same folders: an ``--output`` shared with it
 trains nothing twice).
 
@@ -67,10 +66,18 @@ def variant_folder(root: Path, name: str) -> Path:
     return root / "recipe" / name.replace(" ", "_").replace("/", "-")
 
 
-def run_variant(root: Path, pair, gallery: dict, seed: int, name: str, accelerator) -> dict:
+def evaluated(root: Path, name: str) -> dict | None:
+    """The variant's cells when it has been evaluated already (nothing is loaded), else None."""
     folder = variant_folder(root, name)
-    if (folder / "eval" / "eval" / "metrics.json").is_file():  # evaluated already: nothing to load
-        return evaluate(folder, pair, None, "eval", None)
+    return evaluate(folder, None, None, "eval", None) if (folder / "eval" / "eval" / "metrics.json").is_file() \
+        else None
+
+
+def run_variant(root: Path, pair, gallery: dict, seed: int, name: str, accelerator) -> dict:
+    done = evaluated(root, name)
+    if done is not None:
+        return done
+    folder = variant_folder(root, name)
     recipe = {section: {**BASE[section], **VARIANTS[name].get(section, {})} for section in BASE}
     config = write_fit_config(folder, {"old": pair.old, "new": pair.new},
                               {"train": pair.train, "test": pair.test, "corpus": pair.corpus}, gallery, recipe, seed)
@@ -85,8 +92,7 @@ def one_seed(root: Path, seed: int, names: list[str], accelerator) -> dict:
 
 def finished(root: Path, names: list[str]) -> dict:
     """The variants of one seed already evaluated (nothing is trained)."""
-    return {name: evaluate(variant_folder(root, name), None, None, "eval", None) for name in names
-            if (variant_folder(root, name) / "eval" / "eval" / "metrics.json").is_file()}
+    return {name: cells for name in names if (cells := evaluated(root, name)) is not None}
 
 
 def _stats(values: list[float], digits: int = 1) -> str:
